@@ -54,8 +54,8 @@ def build_t5(cfg: T5Config) -> T5ForConditionalGeneration:
     return model
 
 
-def layer_logits(model: T5ForConditionalGeneration, hidden_states: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
-    """Logits of decoder layer i (1-based) from ``decoder_hidden_states``: (B, T, d) -> (B, T, V)."""
+def layer_state(model: T5ForConditionalGeneration, hidden_states: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
+    """Decoder layer i's (1-based) state as the LM head sees it: (B, T, d) -> (B, T, d)."""
     L = model.config.num_decoder_layers
     assert 1 <= i <= L and len(hidden_states) == L + 1
     h = hidden_states[i]
@@ -63,7 +63,12 @@ def layer_logits(model: T5ForConditionalGeneration, hidden_states: tuple[torch.T
         h = model.decoder.final_layer_norm(h)
     if model.config.scale_decoder_outputs:  # never for our configs; kept to mirror HF's forward
         h = h * model.config.d_model ** -0.5
-    return model.lm_head(h)
+    return h
+
+
+def layer_logits(model: T5ForConditionalGeneration, hidden_states: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
+    """Logits of decoder layer i (1-based) from ``decoder_hidden_states``: (B, T, d) -> (B, T, V)."""
+    return model.lm_head(layer_state(model, hidden_states, i))
 
 
 def layer_weights(L: int, weighting: str) -> torch.Tensor:
@@ -81,19 +86,26 @@ def layer_weights(L: int, weighting: str) -> torch.Tensor:
 def calm_loss(model: T5ForConditionalGeneration, batch: dict[str, torch.Tensor],
               weighting: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss, per-layer CE (L,) detached). ``batch``: input_ids, attention_mask (B, S),
-    labels (B, T) with -100 at padding. Layers with zero weight are not computed (CE = nan)."""
+    labels (B, T) with -100 at padding. Layers with zero weight are not computed (CE = nan).
+
+    Runs encoder and decoder directly (same computation as ``model(...)``, tested) so that the
+    LM head, the dominant cost with V=8k, is applied only to the N non-padding target positions."""
     L = model.config.num_decoder_layers
     w = layer_weights(L, weighting)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                labels=batch["labels"], output_hidden_states=weighting != "last")
-    labels = batch["labels"].reshape(-1)  # (B*T,)
+    labels = batch["labels"]  # (B, T)
+    enc = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    dec = model.decoder(input_ids=model._shift_right(labels), encoder_hidden_states=enc,
+                        encoder_attention_mask=batch["attention_mask"], use_cache=False,
+                        output_hidden_states=True)
+    keep = labels != -100  # (B, T)
+    target = labels[keep]  # (N,)
     losses = []
     for i in range(1, L + 1):
         if w[i - 1] == 0:
             losses.append(torch.tensor(float("nan")))
             continue
-        logits = out.logits if i == L else layer_logits(model, out.decoder_hidden_states, i)  # (B, T, V)
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels, ignore_index=-100))
+        logits = model.lm_head(layer_state(model, dec.hidden_states, i)[keep])  # (N, V)
+        losses.append(F.cross_entropy(logits, target))
     per_layer = torch.stack(losses)  # (L,)
     loss = sum(w[i] * per_layer[i] for i in range(L) if w[i] > 0)
     return loss, per_layer.detach()

@@ -68,6 +68,8 @@ def test_layer_logits_match_model():
     # calm_loss: last-layer CE equals HF's loss; weights proportional to i
     loss, per_layer = calm_loss(model, batch, "linear")
     torch.testing.assert_close(per_layer[-1], out.loss)
+    ce2 = torch.nn.functional.cross_entropy(layer_logits(model, hs, 2).flatten(0, 1), batch["labels"].flatten())
+    torch.testing.assert_close(per_layer[1], ce2)
     w = layer_weights(L, "linear")
     torch.testing.assert_close(w, torch.arange(1, L + 1) / (L * (L + 1) / 2))
     torch.testing.assert_close(loss.detach(), (w * per_layer).sum())
