@@ -129,10 +129,13 @@ def collate(src: list[list[int]], tgt: list[list[int]]) -> dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------- schedule / eval
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr*min_lr_frac. Progress is the larger of the step
+    progress and ``time_frac`` (share of the time budget used; the machine is shared, so the
+    measured s/step drifts and the decay must still finish when the time runs out)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    p = min(1.0, max(time_frac, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -239,6 +242,8 @@ def train(cfg: TrainConfig, out: Path, stop_after_steps: int | None = None) -> d
 
     t0, elapsed0 = time.time(), state["elapsed"]
     now = lambda: elapsed0 + time.time() - t0  # noqa: E731 (elapsed incl. previous runs)
+    # time-based LR progress only when the step budget is itself derived from the time budget
+    time_frac = (lambda: now() / budget) if cfg.max_steps is None else (lambda: 0.0)  # noqa: E731
     last_eval, last_ckpt, steps_here = now(), now(), 0
     acc_loss, acc_layers, acc_n, tok_window, t_window = 0.0, torch.zeros(cfg.num_decoder_layers), 0, 0, time.time()
     calib_t = None
@@ -248,7 +253,7 @@ def train(cfg: TrainConfig, out: Path, stop_after_steps: int | None = None) -> d
         nonlocal last_eval
         ev = evaluate(model, tok, cfg, va_src, va_tgt, va_en, va_fr)
         row = {"step": state["step"], "elapsed_s": round(now(), 1), "epoch": state["epoch"],
-               "lr": lr_at(state["step"], state["total_steps"] or 10**9, cfg), "train_loss": "",
+               "lr": lr_at(state["step"], state["total_steps"] or 10**9, cfg, time_frac()), "train_loss": "",
                **{k: round(v, 4) for k, v in ev.items() if k != "example"}}
         improved = ev["val_bleu"] > state["best_bleu"]
         if improved:
@@ -275,7 +280,7 @@ def train(cfg: TrainConfig, out: Path, stop_after_steps: int | None = None) -> d
         for bi in range(state["batch_in_epoch"], len(batches)):
             ids = batches[bi]
             batch = collate([tr_src[i] for i in ids], [tr_tgt[i] for i in ids])
-            lr = lr_at(state["step"], state["total_steps"] or 10**9, cfg)
+            lr = lr_at(state["step"], state["total_steps"] or 10**9, cfg, time_frac())
             for g in opt.param_groups:
                 g["lr"] = lr
             loss, per_layer = calm_loss(model, batch, WEIGHTING[cfg.loss])
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, out: Path, stop_after_steps: int | None = None) -> d
             steps_here += 1
             acc_loss, acc_layers, acc_n, tok_window = acc_loss + loss.item(), acc_layers + per_layer, acc_n + 1, tok_window + ntgt
             pbar.update(1)
-            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
 
             # step budget from the time budget, measured over steps 10..calib_steps of the first run
             if state["total_steps"] is None:
