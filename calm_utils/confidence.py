@@ -110,7 +110,7 @@ class TopK(ConfidenceMeasure):
     k rows of the LM head. At later checked layers: logits of those k rows only (O(k d)), softmax
     renormalised over the k, confidence = top-1 (``topk_max``) or top-1 minus top-2
     (``topk_diff``). On exit the emitted token is the best of the k. ``k = V`` equals the
-    full-vocabulary measure.
+    full-vocabulary measure (its later calls use the full head, not a gather of all V rows).
     """
 
     def __init__(self, k: int, vocab_size: int, kind: str = "diff"):
@@ -135,6 +135,8 @@ class TopK(ConfidenceMeasure):
             top = torch.topk(logits, self.k)
             self.candidates = top.indices                      # (k,)
             sub = top.values
+        elif self.k == self.vocab_size:                        # every row: the full head, no (V, d) gather
+            sub = ctx.logits()[self.candidates]
         else:
             sub = ctx.logits(rows=self.candidates)             # (k,)
         probs = torch.softmax(sub.float(), dim=-1)
