@@ -142,6 +142,7 @@ class EarlyExitDecoder:
             kwargs = dict(config.measure_kwargs)
             kwargs.setdefault("vocab_size", view.vocab_size)
             self.measure = make_measure(measure if measure is not None else config.measure, **kwargs)
+        self._shared_head = project is None
         self.project = project or (lambda layer, h, rows: view.logits(h, rows))
 
     def describe(self) -> dict:
@@ -198,10 +199,17 @@ class EarlyExitDecoder:
             states.append(h)
         final = int(self.view.logits(h[0, -1]).argmax(-1))
         exit_layer = self.L
-        for i in range(self.L - 1):
-            if self._exit_token(i + 1, states[i][0, -1]) == final:
-                exit_layer = i + 1
-                break
+        if self.L > 1:
+            # every earlier layer's prediction in one (L-1, d) x (d, V) call: the head is memory-bound,
+            # so this costs about one head call instead of L-1 (the projection may be layer-specific)
+            if self._shared_head:
+                preds = self.view.logits(torch.cat([s[0, -1:] for s in states[:-1]], 0)).argmax(-1).tolist()
+            else:
+                preds = [self._exit_token(i + 1, states[i][0, -1]) for i in range(self.L - 1)]
+            for i, tok in enumerate(preds):
+                if tok == final:
+                    exit_layer = i + 1
+                    break
         if not self.config.oracle_cache and exit_layer < self.L:
             for j in range(exit_layer, self.L):
                 session.rewind(j)
