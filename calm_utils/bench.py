@@ -521,6 +521,55 @@ def run_bench(subject: Subject, configs: dict[str, dict], max_new: int = 32, rep
     return df, side
 
 
+def hotpath_compare(n_prompts: int = 4, max_new: int = 24, repeats: int = 3, out: str | Path | None = None) -> dict:
+    """Before/after of the lean layer path on SmolLM2: HF generate, our decoder calling the HF layer modules
+    (``LayerwiseLM(lean=False)``, the old path) and the lean path, interleaved; plus one layer call at
+    position ~200. Medians (ms)."""
+    import statistics as st
+    from .experiments import task_prompts
+    from .layerwise import LayerwiseLM
+    from .model import load_model
+    m, tok = load_model("smollm2-135m", device="cpu")
+    views = {"hf_layer_call": LayerwiseLM(m, tok, lean=False), "lean": LayerwiseLM(m, tok, lean=True)}
+    n1 = (n_prompts + 1) // 2
+    ps = task_prompts("squad", n1, tok) + task_prompts("scitldr", n_prompts - n1, tok)
+    res = {k: {"total_ms_per_tok": [], "step_ms": []} for k in ["hf_generate", *views]}
+    load0 = os.getloadavg()
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for p in ps:
+                t = time.perf_counter()
+                o = m.generate(p.ids, max_new_tokens=max_new, do_sample=False, pad_token_id=2)
+                n = o.shape[1] - p.ids.shape[1]
+                res["hf_generate"]["total_ms_per_tok"].append((time.perf_counter() - t) * 1e3 / n)
+                for k, v in views.items():
+                    t = time.perf_counter()
+                    r = _decoder(v, dict(policy="full"), max_new).generate(p.ids)
+                    res[k]["total_ms_per_tok"].append((time.perf_counter() - t) * 1e3 / len(r.tokens))
+                    res[k]["step_ms"].extend(r.token_ms[1:])
+                    if r.tokens != o[0, p.ids.shape[1]:].tolist()[:len(r.tokens)]:
+                        raise AssertionError(f"{k}: tokens differ from HF generate")
+        lay = {k: [] for k in views}
+        s, _ = views["lean"].start(ps[0].ids, 8)
+        h = s.embed(5)
+        for _ in range(5):
+            for k, v in views.items():
+                for _ in range(100):
+                    t = time.perf_counter()
+                    v.layer(3, h, s.cache, s._p)
+                    lay[k].append((time.perf_counter() - t) * 1e3)
+                    s.cache.lengths[3] -= 1
+    summary = {k: {"total_ms_per_tok_median": st.median(d["total_ms_per_tok"]),
+                   "decode_step_ms_median": st.median(d["step_ms"]) if d["step_ms"] else None} for k, d in res.items()}
+    for k in views:
+        summary[k]["layer_ms_median"] = st.median(lay[k])
+    summary["meta"] = dict(threads=torch.get_num_threads(), loadavg_before=load0, loadavg_after=os.getloadavg(),
+                           prompts=len(ps), repeats=repeats, max_new=max_new, date=time.strftime("%F %T"))
+    if out is not None:
+        Path(out).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | t5_calm | a T5 checkpoint folder")
@@ -531,10 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, 1 repeat, few configs")
     ap.add_argument("--out", default=None, help="output stem (default figures/speed_<model>)")
+    ap.add_argument("--hotpath", action="store_true", help="only the lean-path before/after (SmolLM2) -> "
+                    "figures/speed_hotpath.json")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     torch.set_num_threads(a.threads)
+    if a.hotpath:
+        print(json.dumps(hotpath_compare(out=REPO_ROOT / "figures" / "speed_hotpath.json"), indent=1))
+        return 0
     if a.smoke:
         a.prompts, a.max_new, a.repeats = 2, 8, 1
     subject = load_subject(a.model, a.device, a.prompts)
