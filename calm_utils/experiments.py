@@ -14,12 +14,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_scitldr, load_squad, scitldr_prompt, squad_prompt
+from .data import load_multi30k, load_scitldr, load_squad, scitldr_prompt, squad_prompt
 from .decoding import EarlyExitDecoder, ExitConfig
-from .metrics import rouge_l, squad_f1, textual_consistency
+from .metrics import rouge_l, sentence_bleu, squad_f1, textual_consistency
 from .model import encode_chat
 
-TASKS = ("squad", "scitldr")
+TASKS = ("squad", "scitldr", "multi30k")
 
 
 @dataclass
@@ -36,8 +36,8 @@ def task_prompts(task: str, n: int, tokenizer, seed: int = 0, max_prompt_tokens:
 
     Prompts longer than ``max_prompt_tokens`` are skipped (not truncated) to keep CPU runs bounded.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if task not in TASKS[:2]:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS[:2]} (translation: translation_prompts)")
     if task == "squad":
         ds = load_squad()
         make = lambda r: (r["id"], squad_prompt(r["context"], r["question"]), list(r["answers"]))
@@ -56,9 +56,22 @@ def task_prompts(task: str, n: int, tokenizer, seed: int = 0, max_prompt_tokens:
     return out
 
 
+def translation_prompts(tokenizer, n: int | None, split: str = "test_2016_flickr") -> list[Prompt]:
+    """The first ``n`` Multi30k EN->FR sentences of ``split`` as encoder inputs (with ``</s>``)."""
+    ds = load_multi30k(split)
+    n = len(ds) if n is None else min(n, len(ds))
+    return [Prompt("multi30k", f"{split}:{i}", tokenizer(ds[i]["en"], return_tensors="pt")["input_ids"],
+                   [ds[i]["fr"]]) for i in range(n)]
+
+
 def quality(task: str, text: str, references: list[str]) -> float:
-    """The task's standard metric: SQuAD F1 (0-1) or ROUGE-L F (0-1) against the references."""
-    return squad_f1(text, references) if task == "squad" else rouge_l(text, references)
+    """The task's standard metric in [0, 1]: SQuAD F1, ROUGE-L F, or sentence BLEU/100 (multi30k;
+    report corpus BLEU with :func:`calm_utils.metrics.bleu` over a whole set)."""
+    if task == "squad":
+        return squad_f1(text, references)
+    if task == "multi30k":
+        return sentence_bleu(text, references) / 100.0
+    return rouge_l(text, references)
 
 
 @torch.inference_mode()
