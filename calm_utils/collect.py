@@ -7,7 +7,8 @@ and "Jump to Conclusions" linear maps).
    model's own continuation ``g_1..g_n`` (CALM trains its exit classifier on the model's outputs);
 2. prompt + ``g_1..g_{n-1}`` is teacher-forced through ``view.hidden_states``; the ``n`` positions
    whose next-token prediction is a generated token (the last prompt position and ``g_1..g_{n-1}``)
-   are kept;
+   are kept (encoder-decoder views, ``LayerwiseT5``: the decoder is teacher-forced on
+   ``decoder_start, g_1..g_{n-1}`` with the prompt as the encoder's source);
 3. for each kept token and each layer ``l = 1..L``: the argmax of the shared final norm + LM head,
    the top-1 softmax probability and the top-1 minus top-2 difference (so ``softmax_max`` and
    ``softmax_diff`` can be evaluated offline without a second pass over the 49k-row head).
@@ -60,6 +61,11 @@ def model_fingerprint(view) -> dict:
     }
 
 
+def _is_encoder_decoder(view) -> bool:
+    """``LayerwiseT5``-like views: ``hidden_states(src_ids, tgt_ids)`` and an encoder."""
+    return hasattr(view, "encode") and hasattr(view, "decoder_start_token_id")
+
+
 def _prompts_digest(prompts: list[Tensor]) -> str:
     h = hashlib.sha256()
     for p in prompts:
@@ -96,7 +102,8 @@ def collect_states(view, prompts: list[Tensor], max_new_tokens: int = 32, name: 
     """Per-layer states and consistency labels of the model's own greedy continuations (see module doc).
 
     Args:
-        view: a ``LayerwiseLM``.
+        view: a ``LayerwiseLM``, or a ``LayerwiseT5`` (then ``prompts`` are source sentences and the
+            states are the decoder's, teacher-forced on the greedy translation).
         prompts: token ids per prompt, each (1, T) or (T,).
         max_new_tokens: continuation length cap (EOS stops earlier).
         name: prefix of the cache file.
@@ -119,8 +126,11 @@ def collect_states(view, prompts: list[Tensor], max_new_tokens: int = 32, name: 
         res = early_exit_generate(view, ids, policy="full", max_new_tokens=max_new_tokens)
         gen = torch.tensor(res.tokens, dtype=torch.long, device=view.device)
         n, T = len(gen), ids.shape[1]
-        seq = torch.cat([ids[0], gen[:-1]])[None]
-        hs = view.hidden_states(seq)[:, T - 1:T - 1 + n]          # (L+1, n, d)
+        if _is_encoder_decoder(view):                             # T5: the prompt is the source
+            hs = view.hidden_states(ids, gen[None])               # (L+1, n, d), row t predicts gen[t]
+        else:
+            seq = torch.cat([ids[0], gen[:-1]])[None]
+            hs = view.hidden_states(seq)[:, T - 1:T - 1 + n]      # (L+1, n, d)
         arg, pmax, pdiff = _layer_stats(view, hs[1:])
         parts["states"].append(hs.transpose(0, 1).float().cpu())  # (n, L+1, d)
         parts["layer_argmax"].append(arg.cpu())
