@@ -11,20 +11,36 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .utils import REPO_ROOT, atomic_write, atomic_write_text
+from .utils import REPO_ROOT, atomic_write, atomic_write_text, cache_dir, smoke_mode
 
 FIGURES = REPO_ROOT / "figures"
 
 
+def figures_dir() -> Path:
+    """``figures/`` for the full setting; in the smoke setting (``CALM_SMOKE=1``, CI) a git-ignored
+    ``.cache/figures_smoke/``, so a local ``make test`` never overwrites the study's committed results."""
+    return cache_dir("figures_smoke") if smoke_mode() else FIGURES
+
+
 def save_table(df: pd.DataFrame, name: str) -> Path:
-    """Write ``figures/<name>.csv`` atomically (the table behind a figure or a number)."""
-    return atomic_write(FIGURES / f"{name}.csv", lambda p: df.to_csv(p, index=False, float_format="%.6g"))
+    """Write ``<figures_dir>/<name>.csv`` atomically (the table behind a figure or a number)."""
+    return atomic_write(figures_dir() / f"{name}.csv", lambda p: df.to_csv(p, index=False, float_format="%.6g"))
+
+
+def read_table(name: str) -> pd.DataFrame:
+    """Read ``<figures_dir>/<name>.csv``; a clear error names the notebook or script that writes it."""
+    path = figures_dir() / f"{name}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the notebook or script that writes it first "
+                                "(see README.md, 'How to read it'), e.g. `python scripts/reproduce.py`")
+    return pd.read_csv(path)
 
 
 def save_figure(fig, name: str) -> None:
-    """Write ``figures/<name>.png`` and ``.pdf``."""
+    """Write ``<figures_dir>/<name>.png`` and ``.pdf``."""
     for ext in ("png", "pdf"):
-        atomic_write(FIGURES / f"{name}.{ext}", lambda p, e=ext: fig.savefig(p, format=e, bbox_inches="tight", dpi=120))
+        atomic_write(figures_dir() / f"{name}.{ext}",
+                     lambda p, e=ext: fig.savefig(p, format=e, bbox_inches="tight", dpi=120))
 
 
 def plot_agreement(df: pd.DataFrame, ax=None, hue: str = "model", style: str | None = None):
