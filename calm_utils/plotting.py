@@ -28,8 +28,11 @@ def save_table(df: pd.DataFrame, name: str) -> Path:
 
 
 def read_table(name: str) -> pd.DataFrame:
-    """Read ``<figures_dir>/<name>.csv``; a clear error names the notebook or script that writes it."""
+    """Read ``<figures_dir>/<name>.csv`` (in the smoke setting falling back to the committed ``figures/``);
+    a clear error says how to produce a missing table."""
     path = figures_dir() / f"{name}.csv"
+    if not path.exists():
+        path = FIGURES / f"{name}.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the notebook or script that writes it first "
                                 "(see README.md, 'How to read it'), e.g. `python scripts/reproduce.py`")
