@@ -1,0 +1,330 @@
+"""Lossless CALM: confidence-based early exits as drafts, verified by the full model (self-speculative decoding).
+
+CALM's early exits change the output (a calibrated, bounded amount, via Learn-then-Test). LayerSkip
+(Elhoushi et al., 2024) and Hugging Face's ``generate(assistant_early_exit=E)`` use an early exit only to
+*draft* tokens, which the full model then checks in one forward pass over all drafted positions: the
+output is exactly the full model's greedy output, and the speed-up comes from verifying several tokens
+per full-depth pass. Here the drafts come from CALM's exits (any confidence measure, a learned head, or
+a fixed exit layer as in LayerSkip), on the same layer-wise views as :mod:`calm_utils.decoding`.
+
+One round, with the cache exact up to position ``P`` and the last committed token ``x`` not yet fed:
+
+1. Draft: feed ``x``, ``d_1``, ... one position at a time with early exits (CALM's state propagation
+   fills the skipped layers so later drafts can attend to them), up to ``draft_len`` tokens; stop early
+   at EOS, at the token budget, or (``adaptive``) at a token that found no confident exit.
+   If the *first* draft step of a round reaches the last layer, its token is exact (every earlier
+   position's K/V is exact): it is committed without verification (with threshold 1 the mode is plain
+   full decoding).
+2. Verify: forget the drafted positions' K/V in every layer that did not compute them exactly
+   (``KVCache`` lengths back to ``P``), and run the inputs ``x, d_1, .., d_n`` (``n + 1`` positions; the last
+   gives a bonus token when every draft is accepted) through those layers in one multi-position pass.
+   With ``reuse_draft_layers`` the layers below ``m = min(draft exit layers)`` are kept: drafting computed
+   them exactly at every drafted position (state propagation only writes layers at or above a token's
+   exit), so the verification pass starts at layer ``m`` from the drafts' own layer-``m`` states.
+3. Accept the longest prefix of drafts equal to the full model's greedy choices, take the full model's
+   token at the first mismatch (or the bonus), and truncate every layer's cache to the accepted length,
+   which leaves it as full greedy decoding would have it (tests: ``allclose`` to the full decoder's cache).
+
+Multi-position passes: ``LayerwiseLM.layer`` runs ``n > 1`` positions with ``is_causal=True``, which torch
+aligns top-left (query 0 sees key 0 only); that is right for a prefill from an empty cache but not for
+positions appended to a filled one. This module therefore runs decoder-only verification passes with its
+own copy of the lean Llama layer and an explicit bottom-right causal mask (HF's own layer gets the
+same mask). ``LayerwiseT5.layer`` takes a relative-position bias with the causal mask folded in and
+handles ``n > 1`` directly (``position_bias(P, n)``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .confidence import ConfidenceMeasure, ExitContext
+from .decoding import DecodeResult, EarlyExitDecoder, ExitConfig, _sync
+from .layerwise import _rms
+
+DRAFT_POLICIES = ("confidence", "static", "full")
+
+
+@dataclass
+class LosslessResult(DecodeResult):
+    """A :class:`DecodeResult` plus self-speculation statistics.
+
+    ``exit_layers[t]``: the draft's exit layer for an accepted draft, ``L`` for a token the full model
+    produced (verification correction/bonus, or an exact full-depth first step).
+    ``draft_exit_layers``: exit layer of every drafted token sent to verification (accepted or not).
+    ``drafted`` / ``accepted``: drafted tokens verified / accepted; ``verify_passes``: multi-position
+    full-depth passes; ``exact_steps``: first-of-round tokens that reached the last layer and were
+    committed without verification; ``verify_layers``: layer calls made by verification passes
+    (each over ``n + 1`` positions); ``accepted_per_pass``: accepted drafts of each verification.
+    """
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
+    exact_steps: int = 0
+    verify_layers: int = 0
+    draft_exit_layers: list[int] = field(default_factory=list)
+    accepted_per_pass: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def avg_draft_exit_layer(self) -> float:
+        d = self.draft_exit_layers
+        return sum(d) / len(d) if d else float("nan")
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens emitted per full-depth pass (verification passes + exact steps)."""
+        passes = self.verify_passes + self.exact_steps
+        return len(self.tokens) / passes if passes else float("nan")
+
+    def stats(self) -> dict:
+        return {"tokens": len(self.tokens), "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance": self.acceptance_rate, "avg_draft_exit_layer": self.avg_draft_exit_layer,
+                "verify_passes": self.verify_passes, "exact_steps": self.exact_steps,
+                "tokens_per_pass": self.tokens_per_pass}
+
+
+# ---- multi-position passes over consecutive layers (composition over the views) --------------------
+def _is_t5(session) -> bool:
+    return hasattr(session, "cross_kT")
+
+
+def _llama_layer_masked(view, i: int, h: Tensor, cache, pos, mask: Tensor | None) -> Tensor:
+    """``LayerwiseLM.layer`` for ``n`` new positions after a non-empty cache: the same computation with an
+    explicit boolean mask ``(n, keys)`` (True = attend) instead of ``is_causal``."""
+    if view._lean is None:
+        am = None if mask is None else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+            ~mask, torch.finfo(h.dtype).min)[None, None]
+        return view.layers[i](h, attention_mask=am, cache=cache, use_cache=True,
+                              position_embeddings=(pos.cos, pos.sin))
+    ln1, wq, bq, (wk, bk), (wv, bv), (wo, bo), ln2, (wg, bg), (wu, bu), (wd, bd), act, scale = view._lean[i]
+    n, hd = h.shape[1], view.head_dim
+    x = _rms(h, ln1)
+    q = F.linear(x, wq, bq).view(1, n, -1, hd).transpose(1, 2)
+    k = F.linear(x, wk, bk).view(1, n, -1, hd).transpose(1, 2)
+    v = F.linear(x, wv, bv).view(1, n, -1, hd).transpose(1, 2)
+    q, k = view._rope(q, k, pos.cos, pos.sin)
+    k, v = cache.update(k, v, i)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    h = h + F.linear(o.transpose(1, 2).reshape(1, n, -1), wo, bo)
+    x = _rms(h, ln2)
+    return h + F.linear(act(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+def run_layers(view, session, h: Tensor, start: int, first: int, last: int) -> Tensor:
+    """Run 0-based layers ``first..last-1`` on ``h`` (1, n, d) at positions ``start..start+n-1`` of the
+    session's cache (each layer's cache must hold exactly ``start`` positions; its K/V are appended).
+    Works for :class:`LayerwiseLM` and :class:`LayerwiseT5` sessions; returns layer ``last``'s states."""
+    n = h.shape[1]
+    cache = session.cache
+    if _is_t5(session):
+        bias = view.position_bias(start, n)
+        for i in range(first, last):
+            h = view.layer(i, h, cache, bias, session.cross_kT[i], session.cross_v[i])
+        return h
+    pos = view.positions(start, n)
+    mask = None
+    if n > 1:
+        q = torch.arange(start, start + n, device=h.device)[:, None]
+        k = torch.arange(start + n, device=h.device)[None, :]
+        mask = k <= q  # bottom-right causal: position start+j sees keys 0..start+j
+    for i in range(first, last):
+        h = _llama_layer_masked(view, i, h, cache, pos, mask)
+    return h
+
+
+class LosslessDecoder(EarlyExitDecoder):
+    """Self-speculative greedy decoding with CALM exits as drafts; output = the full model's greedy output.
+
+    Args:
+        view: ``LayerwiseLM`` or ``LayerwiseT5``.
+        config: an :class:`ExitConfig` for the *drafts*: ``policy="confidence"`` (any measure, threshold,
+            ``min_exit_layer``, ``exit_interval``, decay), ``"static"`` (a fixed exit layer, LayerSkip-style)
+            or ``"full"`` (no early exit: plain full decoding). ``max_new_tokens`` is the output budget.
+        draft_len: the most tokens drafted per verification pass (>= 1).
+        measure / project: as for :class:`EarlyExitDecoder` (a learned exit head; linear maps).
+        reuse_draft_layers: keep the layers that drafting computed exactly at every drafted position
+            (below the block's lowest exit) instead of recomputing them in the verification pass.
+        adaptive: end a draft block at a token that found no confident exit (it reached the last layer).
+    """
+
+    def __init__(self, view, config: ExitConfig, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
+                 project=None, reuse_draft_layers: bool = True, adaptive: bool = True):
+        if config.policy not in DRAFT_POLICIES:
+            raise ValueError(f"lossless drafting needs policy in {DRAFT_POLICIES}, got {config.policy!r}")
+        if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
+            raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+        super().__init__(view, config, measure, project)
+        self.draft_len, self.reuse, self.adaptive = draft_len, bool(reuse_draft_layers), bool(adaptive)
+        self.session = None  # the last generate()'s session (tests inspect its cache)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(mode="lossless", draft_len=self.draft_len, reuse_draft_layers=self.reuse, adaptive=self.adaptive)
+        return d
+
+    # ---- one drafted token (no propagation yet: the caller decides) ----------------------------
+    def _draft(self, session, h: Tensor, step: int) -> tuple[int, int, float, list[Tensor], Tensor]:
+        """Returns ``(token, exit layer (1-based), confidence, states of layers 0..exit (each (1, 1, d)),
+        exited state)``. Layers above the exit have *not* been given K/V yet."""
+        cfg, L = self.config, self.L
+        states = [h]
+        if cfg.policy == "confidence":
+            measure, ctx = self.measure, self._ctx
+            lam = cfg.threshold_at(step)
+            measure.start_token()
+            ctx.step = step
+            ctx.history = [h[0, -1]]
+            for i in range(L):
+                h = session.layer(i, h)
+                states.append(h)
+                flat = h[0, -1]
+                ctx.history.append(flat)
+                if self.checked[i + 1]:
+                    conf, tok = measure(ctx.at(i + 1, flat))
+                    if conf >= lam:
+                        if tok is None:
+                            tok = self._exit_token(i + 1, flat)
+                        return tok, i + 1, conf, states, h
+            return int(self.view.logits(h[0, -1]).argmax(-1)), L, float("nan"), states, h
+        s = cfg.static_layer if cfg.policy == "static" else L
+        for i in range(s):
+            h = session.layer(i, h)
+            states.append(h)
+        tok = self._exit_token(s, h[0, -1]) if s < L else int(self.view.logits(h[0, -1]).argmax(-1))
+        return tok, s, float("nan"), states, h
+
+    # ---- verification ------------------------------------------------------------------------
+    def _verify(self, session, P: int, inputs: list[int], states: list[list[Tensor]], exits: list[int],
+                res: LosslessResult) -> list[int]:
+        """Full-depth predictions after each of ``inputs`` (fed at positions ``P..``); ``states[j]`` /
+        ``exits[j]`` belong to the drafted position ``P + j`` (``len(states)`` drafted positions; an
+        extra last input, if any, has not been fed yet). Leaves each layer's cache at ``P + len(inputs)``."""
+        view, cache, L = self.view, session.cache, self.L
+        n_fed, n_in = len(states), len(inputs)
+        m = min(exits) if self.reuse else 0  # layers 0..m-1 are exact at every drafted position
+        for i in range(L):
+            cache.lengths[i] = P + n_fed if i < m else P
+        if m > 0:
+            h = torch.cat([s[m] for s in states], 1)  # (1, n_fed, d): the exact inputs of layer m
+            if n_in > n_fed:  # the bonus position was never fed: its layers 0..m-1 first
+                hb = view.embed(torch.tensor([inputs[n_fed:]], device=view.device))
+                h = torch.cat([h, run_layers(view, session, hb, P + n_fed, 0, m)], 1)
+        else:
+            h = view.embed(torch.tensor([inputs], device=view.device))
+        h = run_layers(view, session, h, P, m, L)
+        res.verify_passes += 1
+        res.verify_layers += L - m
+        return view.logits(h[0]).argmax(-1).tolist()
+
+    # ---- a whole sequence ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Tensor | list[int]) -> LosslessResult:
+        view, cfg, L = self.view, self.config, self.L
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=view.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"prompt_ids must be one sequence, shape (1, T) or (T,); got {tuple(ids.shape)}")
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        N = cfg.max_new_tokens
+        limit = getattr(view, "max_positions", None)
+        if limit is not None and ids.shape[1] + N + 1 > limit:
+            raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({N}) + 1 exceeds the model's "
+                             f"context of {limit} positions")
+        self._ctx = ExitContext(self.project)
+        eos = view.eos_ids
+        tokens, exits, confs, times = [], [], [], []
+        res = LosslessResult([], "", exits, confs, 0.0, times, ids.shape[1], L, self.describe())
+        _sync(view.device)
+        t0 = time.perf_counter()
+        session, first = view.start(ids, N + 1)  # one spare position: the bonus input of a last full block
+        self.session = session
+        pos0 = session.pos
+        if first is not None:  # decoder-only: the prompt pass predicts the first token at full depth
+            tokens.append(int(view.logits(first[0, -1]).argmax(-1)))
+            exits.append(L)
+            confs.append(float("nan"))
+        _sync(view.device)
+        res.prompt_ms = (time.perf_counter() - t0) * 1e3
+        if tokens:
+            times.append(0.0)
+        while len(tokens) < N and not (tokens and tokens[-1] in eos):
+            t = time.perf_counter()
+            P = session.pos
+            x = tokens[-1] if tokens else view.decoder_start_token_id
+            budget = N - len(tokens)
+            drafts, d_exits, d_confs, d_states = [], [], [], []
+            inp, exact = x, False
+            for k in range(min(self.draft_len, budget)):
+                tok, e, conf, states, hx = self._draft(session, session.embed(inp), len(tokens) + k)
+                if k == 0 and e == L:  # exact: every earlier position's K/V is the full model's
+                    exact = True
+                    tokens.append(tok)
+                    exits.append(L)
+                    confs.append(conf)
+                    res.exact_steps += 1
+                    break
+                drafts.append(tok)
+                d_exits.append(e)
+                d_confs.append(conf)
+                d_states.append(states)
+                if tok in eos or k == min(self.draft_len, budget) - 1 or (self.adaptive and e == L):
+                    break
+                self._finish(session, e - 1, hx)  # CALM state propagation for the next draft's attention
+                inp = tok
+            if exact:
+                new = 1
+            else:
+                n = len(drafts)
+                inputs = [x] + drafts
+                if len(tokens) + n >= N or drafts[-1] in eos:  # no use for a bonus token
+                    inputs = inputs[:n]
+                greedy = self._verify(session, P, inputs, d_states, d_exits, res)
+                a = 0
+                while a < n and drafts[a] == greedy[a]:
+                    a += 1
+                res.drafted += n
+                res.accepted += a
+                res.accepted_per_pass.append(a)
+                res.draft_exit_layers.extend(d_exits)
+                emitted = drafts[:a] + greedy[a:a + 1]
+                new = 0
+                for j, tok in enumerate(emitted):
+                    if len(tokens) >= N:
+                        break
+                    tokens.append(tok)
+                    exits.append(d_exits[j] if j < a else L)
+                    confs.append(d_confs[j] if j < a else float("nan"))
+                    new += 1
+                    if tok in eos:
+                        break
+                session.cache.truncate(P + new)
+                session.pos = P + new
+            _sync(view.device)
+            dt = (time.perf_counter() - t) * 1e3
+            times.extend([dt / new] * new)
+        # leave the cache exactly as full greedy decoding leaves it: every token but the last fed
+        final = pos0 + len(tokens) - (1 if first is not None else 0)
+        session.cache.truncate(final)
+        session.pos = final
+        res.tokens = tokens
+        tokenizer = getattr(view, "tokenizer", None)
+        res.text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
+        return res
+
+
+def lossless_generate(view, prompt_ids, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
+                      project=None, reuse_draft_layers: bool = True, adaptive: bool = True,
+                      **config) -> LosslessResult:
+    """Convenience: ``LosslessDecoder(view, ExitConfig(**config), draft_len, ...).generate(prompt_ids)``."""
+    return LosslessDecoder(view, ExitConfig(**config), draft_len, measure, project, reuse_draft_layers,
+                           adaptive).generate(prompt_ids)
