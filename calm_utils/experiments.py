@@ -76,19 +76,22 @@ def quality(task: str, text: str, references: list[str]) -> float:
 
 @torch.inference_mode()
 def layer_agreement(view, sequences: list[torch.Tensor], model_name: str, starts: list[int] | None = None,
-                    text: str = "teacher_forced") -> pd.DataFrame:
+                    text: str = "teacher_forced", max_positions: int | None = 128) -> pd.DataFrame:
     """Share of positions whose layer-i argmax (final norm + shared head) equals the last layer's.
 
     Teacher-forced over the token sequences (1, T) (CALM's motivation, Sec. 2); with ``starts``,
     only positions ``>= starts[j] - 1`` of sequence j count (those predicting tokens from
-    ``starts[j]`` on, e.g. the model's own continuation of a prompt). Columns:
+    ``starts[j]`` on, e.g. the model's own continuation of a prompt); at most the last ``max_positions``
+    positions of each sequence count (the L x T x V head projection is the cost). Columns:
     ``model, text, layer, agreement, n_tokens``; layers 1..L.
     """
     hits = torch.zeros(view.num_layers)
     total = 0
     for j, ids in enumerate(tqdm(sequences, desc=f"layer agreement ({text})")):
         first = 0 if starts is None else starts[j] - 1
-        states = view.hidden_states(ids)[1:, first:-1] if starts is not None else view.hidden_states(ids)[1:]
+        if max_positions is not None:  # the LM head over L x T positions dominates: bound T per sequence
+            first = max(first, ids.shape[1] - 1 - max_positions)
+        states = view.hidden_states(ids)[1:, first:-1] if starts is not None else view.hidden_states(ids)[1:, first:]
         preds = view.logits(states).argmax(-1)                # (L, T')
         hits += (preds == preds[-1:]).float().sum(-1)
         total += preds.shape[1]
