@@ -9,8 +9,10 @@ a fixed exit layer as in LayerSkip), on the same layer-wise views as :mod:`calm_
 
 One round, with the cache exact up to position ``P`` and the last committed token ``x`` not yet fed:
 
-1. Draft: feed ``x``, ``d_1``, ... one position at a time with early exits (CALM's state propagation
-   fills the skipped layers so later drafts can attend to them), up to ``draft_len`` tokens; stop early
+1. Draft: feed ``x``, ``d_1``, ... one position at a time with early exits, up to ``draft_len`` tokens. CALM's
+   state propagation gives skipped layers K/V so later drafts can attend to them; here it is *lazy*: a
+   layer gets the propagated K/V of earlier drafted positions only when a later draft reaches it (the same
+   values, fewer projections; with a fixed exit layer none at all, as in LayerSkip). Stop early
    at EOS, at the token budget, or (``adaptive``) at a token that found no confident exit.
    If the *first* draft step of a round reaches the last layer, its token is exact (every earlier
    position's K/V is exact): it is committed without verification (with threshold 1 the mode is plain
@@ -176,6 +178,7 @@ class LosslessDecoder(EarlyExitDecoder):
         exited state)``. Layers above the exit have *not* been given K/V yet."""
         cfg, L = self.config, self.L
         states = [h]
+        fill = self._fill if self._pending else None
         if cfg.policy == "confidence":
             measure, ctx = self.measure, self._ctx
             lam = cfg.threshold_at(step)
@@ -183,6 +186,8 @@ class LosslessDecoder(EarlyExitDecoder):
             ctx.step = step
             ctx.history = [h[0, -1]]
             for i in range(L):
+                if fill is not None:
+                    fill(session, i)
                 h = session.layer(i, h)
                 states.append(h)
                 flat = h[0, -1]
@@ -196,10 +201,26 @@ class LosslessDecoder(EarlyExitDecoder):
             return int(self.view.logits(h[0, -1]).argmax(-1)), L, float("nan"), states, h
         s = cfg.static_layer if cfg.policy == "static" else L
         for i in range(s):
+            if fill is not None:
+                fill(session, i)
             h = session.layer(i, h)
             states.append(h)
         tok = self._exit_token(s, h[0, -1]) if s < L else int(self.view.logits(h[0, -1]).argmax(-1))
         return tok, s, float("nan"), states, h
+
+    def _fill(self, session, i: int) -> None:
+        """Lazy state propagation: before layer ``i`` runs at the current position, give it the K/V of the
+        earlier drafted positions that exited below it, computed from their exited states (the values
+        CALM's eager propagation would have written; positions no later draft reaches are never filled)."""
+        cache = session.cache
+        start, end = cache.lengths[i], session.pos - 1
+        if start >= end:
+            return
+        h = torch.cat([self._pending[p] for p in range(start, end)], 1)  # (1, end - start, d)
+        if _is_t5(session):
+            self.view.propagate(i, h, cache)
+        else:
+            self.view.propagate(i, h, cache, self.view.positions(start, end - start))
 
     # ---- verification ------------------------------------------------------------------------
     def _verify(self, session, P: int, inputs: list[int], states: list[list[Tensor]], exits: list[int],
@@ -241,6 +262,7 @@ class LosslessDecoder(EarlyExitDecoder):
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({N}) + 1 exceeds the model's "
                              f"context of {limit} positions")
         self._ctx = ExitContext(self.project)
+        self._pending: dict[int, Tensor] = {}
         eos = view.eos_ids
         tokens, exits, confs, times = [], [], [], []
         res = LosslessResult([], "", exits, confs, 0.0, times, ids.shape[1], L, self.describe())
@@ -263,6 +285,7 @@ class LosslessDecoder(EarlyExitDecoder):
             x = tokens[-1] if tokens else view.decoder_start_token_id
             budget = N - len(tokens)
             drafts, d_exits, d_confs, d_states = [], [], [], []
+            self._pending = {}
             inp, exact = x, False
             for k in range(min(self.draft_len, budget)):
                 tok, e, conf, states, hx = self._draft(session, session.embed(inp), len(tokens) + k)
@@ -279,7 +302,8 @@ class LosslessDecoder(EarlyExitDecoder):
                 d_states.append(states)
                 if tok in eos or k == min(self.draft_len, budget) - 1 or (self.adaptive and e == L):
                     break
-                self._finish(session, e - 1, hx)  # CALM state propagation for the next draft's attention
+                if e < L:  # CALM state propagation for later drafts' attention, done lazily (_fill)
+                    self._pending[P + k] = hx
                 inp = tok
             if exact:
                 new = 1
@@ -328,3 +352,178 @@ def lossless_generate(view, prompt_ids, draft_len: int = 4, measure: ConfidenceM
     """Convenience: ``LosslessDecoder(view, ExitConfig(**config), draft_len, ...).generate(prompt_ids)``."""
     return LosslessDecoder(view, ExitConfig(**config), draft_len, measure, project, reuse_draft_layers,
                            adaptive).generate(prompt_ids)
+
+
+# ---- side-by-side comparison ----------------------------------------------------------------------
+@dataclass
+class Method:
+    """A decoding method in :func:`compare_lossless`.
+
+    ``kind``: ``"hf"`` (HF greedy ``generate``, the speed reference), ``"hf_early_exit"`` (HF
+    ``generate(assistant_early_exit=layer)``), ``"full"`` (our full decoder), ``"lossy"`` (CALM's exits,
+    :class:`EarlyExitDecoder`) or ``"lossless"`` (:class:`LosslessDecoder`). ``config``: the ExitConfig
+    (lossy/lossless); ``draft_len``/``measure`` for lossless; ``layer`` for hf_early_exit."""
+    method: str
+    setting: str
+    kind: str
+    config: ExitConfig | None = None
+    draft_len: int = 4
+    measure: ConfidenceMeasure | None = None
+    layer: int | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+def default_methods(num_layers: int, t5: bool, smoke: bool = False) -> list[Method]:
+    """The comparison's methods. T5 (CALM-trained, 8 layers): drafts from the state / top-k / softmax-diff
+    measures and a fixed exit layer; SmolLM2 (frozen, 30 layers): late exits only. HF's early-exit
+    self-speculation runs on Llama-family models only (not on T5 in transformers 5.25)."""
+    L = num_layers
+    C = lambda **kw: ExitConfig(**kw)
+    ms = [Method("hf_generate", "greedy", "hf"), Method("ours_full", "full", "full", C(policy="full"))]
+    if t5:
+        lossy = [("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9)),
+                 ("topk_diff(k=32)@0.9", C(measure="topk_diff", threshold=0.9, measure_kwargs={"k": 32}))]
+        drafts = [("state@0.9", C(measure="state", threshold=0.9)),
+                  ("topk_diff(k=32)@0.5", C(measure="topk_diff", threshold=0.5, measure_kwargs={"k": 32})),
+                  ("topk_diff(k=32)@0.9", C(measure="topk_diff", threshold=0.9, measure_kwargs={"k": 32})),
+                  ("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9)),
+                  ("static-2", C(policy="static", static_layer=2))]
+        lens = (4,) if smoke else (4, 8)
+        ee = []
+    else:
+        lossy = [("topk_diff(k=64)@0.9,min20", C(measure="topk_diff", threshold=0.9, min_exit_layer=20,
+                                                 measure_kwargs={"k": 64}))]
+        drafts = [("topk_diff(k=64)@0.9,min20", C(measure="topk_diff", threshold=0.9, min_exit_layer=20,
+                                                  measure_kwargs={"k": 64})),
+                  ("softmax_diff@0.9,min24,every2", C(measure="softmax_diff", threshold=0.9, min_exit_layer=24,
+                                                      exit_interval=2)),
+                  (f"static-{L - 6}", C(policy="static", static_layer=L - 6))]
+        lens = (4,) if smoke else (2, 4)
+        ee = [L // 2, L - 6] if not smoke else [L - 6]
+    if smoke:
+        drafts = drafts[:2]
+    for name, cfg in lossy:
+        ms.append(Method("calm_lossy", name, "lossy", cfg))
+    for name, cfg in drafts:
+        for n in lens:
+            ms.append(Method("lossless", f"{name},n={n}", "lossless", cfg, draft_len=n))
+    for e in ee:
+        ms.append(Method("hf_assistant_early_exit", f"E={e}", "hf_early_exit", layer=e))
+    return ms
+
+
+def _strip(tokens: list[int], eos: set[int]) -> list[int]:
+    for j, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:j + 1]
+    return tokens
+
+
+def hf_runner(model, view, early_exit: int | None = None):
+    """``(ids, max_new) -> tokens``: HF greedy generate (optionally ``assistant_early_exit``), cut at EOS."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    t5 = getattr(model.config, "is_encoder_decoder", False)
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = next(iter(view.eos_ids), 0)
+    extra = {} if early_exit is None else {"assistant_early_exit": early_exit}
+
+    def run(ids, n):
+        if t5:
+            out = model.generate(ids, do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=0,
+                                 cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), **extra)
+            return _strip(out[0, 1:].tolist(), view.eos_ids)
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, num_beams=1, min_new_tokens=0,
+                             pad_token_id=pad, attention_mask=torch.ones_like(ids), **extra)
+        return _strip(out[0, ids.shape[1]:].tolist(), view.eos_ids)
+    return run
+
+
+def compare_lossless(model, view, prompts: list[Tensor], methods: list[Method], max_new_tokens: int,
+                     repeats: int = 2, model_name: str = "model", log=print):
+    """Run every method on every prompt, interleaved (prompt by prompt, methods in turn, ``repeats``
+    times; untimed warm-up on the first prompt). Returns ``(runs, summary)``.
+
+    ``runs``: one row per (method, prompt, repeat): ``ms``, ``tokens``, ``identical`` (tokens == HF greedy
+    ``generate``'s on that prompt), lossless statistics. ``summary`` per method: ``speedup`` (HF generate's
+    total ms / the method's, per repeat, median over repeats; ms per token for methods whose output
+    differs), ``speedup_vs_full`` (same against our full decoder), ``speedup_min/max`` over repeats,
+    ``acceptance`` (accepted / drafted drafts), ``avg_draft_exit_layer``, ``tokens_per_pass``,
+    ``avg_exit_layer`` (lossy), ``identical`` (every prompt identical to HF generate)."""
+    import numpy as np
+    import pandas as pd
+    runners = {}
+    for m in methods:
+        if m.kind == "hf":
+            runners[m.setting + m.method] = hf_runner(model, view)
+        elif m.kind == "hf_early_exit":
+            runners[m.setting + m.method] = hf_runner(model, view, m.layer)
+        elif m.kind in ("full", "lossy"):
+            m.config.max_new_tokens = max_new_tokens
+            runners[m.setting + m.method] = EarlyExitDecoder(view, m.config, m.measure)
+        elif m.kind == "lossless":
+            m.config.max_new_tokens = max_new_tokens
+            runners[m.setting + m.method] = LosslessDecoder(view, m.config, m.draft_len, m.measure, **m.kwargs)
+        else:
+            raise ValueError(f"unknown method kind {m.kind!r}")
+
+    def call(m, ids):
+        r = runners[m.setting + m.method]
+        if m.kind in ("hf", "hf_early_exit"):
+            return r(ids, max_new_tokens), None
+        res = r.generate(ids)
+        return res.tokens, res
+
+    rows = []
+    with torch.inference_mode():
+        for m in methods:  # warm-up: allocator, tables, lazy inits
+            call(m, prompts[0])
+        for rep in range(repeats):
+            for j, ids in enumerate(prompts):
+                ref = None
+                for m in methods:
+                    _sync(view.device)
+                    t0 = time.perf_counter()
+                    toks, res = call(m, ids)
+                    _sync(view.device)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    if m.kind == "hf":
+                        ref = toks
+                    row = dict(model=model_name, method=m.method, setting=m.setting, prompt=j, repeat=rep, ms=ms,
+                               tokens=len(toks), identical=toks == ref)
+                    if isinstance(res, LosslessResult):
+                        row.update(drafted=res.drafted, accepted=res.accepted, verify_passes=res.verify_passes,
+                                   exact_steps=res.exact_steps, draft_layer_sum=sum(res.draft_exit_layers))
+                    elif res is not None:
+                        row.update(exit_layer_sum=sum(res.exit_layers))
+                    rows.append(row)
+            log(f"{model_name}: repeat {rep + 1}/{repeats} done")
+    runs = pd.DataFrame(rows)
+    hf_total = runs[runs.method == "hf_generate"].groupby("repeat")[["ms", "tokens"]].sum()
+    full_total = runs[runs.method == "ours_full"].groupby("repeat")[["ms", "tokens"]].sum()
+    out = []
+    for (meth, setting), g in runs.groupby(["method", "setting"], sort=False):
+        tot = g.groupby("repeat")[["ms", "tokens"]].sum()
+        ident = bool(g.identical.all())
+        if ident:  # same tokens: ratio of total times
+            sp = hf_total.ms / tot.ms
+            spf = full_total.ms / tot.ms
+        else:  # different outputs (lossy): ratio of ms per token
+            sp = (hf_total.ms / hf_total.tokens) / (tot.ms / tot.tokens)
+            spf = (full_total.ms / full_total.tokens) / (tot.ms / tot.tokens)
+        r = dict(model=model_name, method=meth, setting=setting, speedup=float(np.median(sp)),
+                 speedup_min=float(sp.min()), speedup_max=float(sp.max()), speedup_vs_full=float(np.median(spf)),
+                 ms_per_token=float((tot.ms / tot.tokens).median()), tokens=int(g[g.repeat == 0].tokens.sum()),
+                 identical=ident, acceptance=float("nan"), avg_draft_exit_layer=float("nan"),
+                 tokens_per_pass=float("nan"), avg_exit_layer=float("nan"))
+        first = g[g.repeat == 0]
+        if "drafted" in g and first.drafted.notna().any():
+            d = first.drafted.sum()
+            r["acceptance"] = float(first.accepted.sum() / d) if d else float("nan")
+            r["avg_draft_exit_layer"] = float(first.draft_layer_sum.sum() / d) if d else float("nan")
+            passes = first.verify_passes.sum() + first.exact_steps.sum()
+            r["tokens_per_pass"] = float(first.tokens.sum() / passes) if passes else float("nan")
+        if "exit_layer_sum" in g and first.exit_layer_sum.notna().any():
+            r["avg_exit_layer"] = float(first.exit_layer_sum.sum() / first.tokens.sum())
+        out.append(r)
+    return runs, pd.DataFrame(out)

@@ -273,3 +273,11 @@ def test_smollm2_two_prompts(smollm):
             res = dec.generate(ids)
             assert res.tokens == full.tokens
             _assert_same_cache(dec.session.cache, session.cache)
+
+
+def test_hf_assistant_early_exit_t5_unsupported(t5_tiny):
+    """transformers 5.25: EarlyExitCandidateGenerator looks up ``model.<base_model_prefix>`` ('transformer'),
+    which T5ForConditionalGeneration does not have: HF's early-exit self-speculation does not run on T5."""
+    with pytest.raises(AttributeError, match="transformer"), torch.inference_mode():
+        t5_tiny.generate(torch.tensor([T5_SOURCES[0]]), max_new_tokens=4, do_sample=False, assistant_early_exit=2,
+                         cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
