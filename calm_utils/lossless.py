@@ -154,38 +154,50 @@ class LosslessDecoder(EarlyExitDecoder):
         measure / project: as for :class:`EarlyExitDecoder` (a learned exit head; linear maps).
         reuse_draft_layers: keep the layers that drafting computed exactly at every drafted position
             (below the block's lowest exit) instead of recomputing them in the verification pass.
-        adaptive: end a draft block at a token that found no confident exit (it reached the last layer).
+        adaptive: end a draft block at a token that found no confident exit.
+        max_draft_layer: the deepest layer a draft may use (1-based, default ``L``). A token with no
+            confident exit up to it is drafted from that layer anyway and ends the block (with ``L``: the
+            token is computed at full depth, exact when it is the first of a round). Below ``L`` this is
+            HF's ``assistant_confidence_threshold`` idea with CALM's measures: a cheap unconfident draft stops
+            drafting instead of paying for the deeper layers.
     """
 
     def __init__(self, view, config: ExitConfig, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
-                 project=None, reuse_draft_layers: bool = True, adaptive: bool = True):
+                 project=None, reuse_draft_layers: bool = True, adaptive: bool = True,
+                 max_draft_layer: int | None = None):
         if config.policy not in DRAFT_POLICIES:
             raise ValueError(f"lossless drafting needs policy in {DRAFT_POLICIES}, got {config.policy!r}")
         if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
             raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
         super().__init__(view, config, measure, project)
         self.draft_len, self.reuse, self.adaptive = draft_len, bool(reuse_draft_layers), bool(adaptive)
+        D = self.L if max_draft_layer is None else max_draft_layer
+        if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= self.L:
+            raise ValueError(f"max_draft_layer must be an integer in [1, {self.L}], got {max_draft_layer!r}")
+        self.max_draft_layer = D
         self.session = None  # the last generate()'s session (tests inspect its cache)
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(mode="lossless", draft_len=self.draft_len, reuse_draft_layers=self.reuse, adaptive=self.adaptive)
+        d.update(mode="lossless", draft_len=self.draft_len, reuse_draft_layers=self.reuse, adaptive=self.adaptive,
+                 max_draft_layer=self.max_draft_layer)
         return d
 
     # ---- one drafted token (no propagation yet: the caller decides) ----------------------------
-    def _draft(self, session, h: Tensor, step: int) -> tuple[int, int, float, list[Tensor], Tensor]:
+    def _draft(self, session, h: Tensor, step: int) -> tuple[int, int, float, list[Tensor], Tensor, bool]:
         """Returns ``(token, exit layer (1-based), confidence, states of layers 0..exit (each (1, 1, d)),
-        exited state)``. Layers above the exit have *not* been given K/V yet."""
+        exited state, confident)``. Layers above the exit have *not* been given K/V yet."""
         cfg, L = self.config, self.L
         states = [h]
         fill = self._fill if self._pending else None
         if cfg.policy == "confidence":
-            measure, ctx = self.measure, self._ctx
+            measure, ctx, D = self.measure, self._ctx, self.max_draft_layer
             lam = cfg.threshold_at(step)
             measure.start_token()
             ctx.step = step
             ctx.history = [h[0, -1]]
-            for i in range(L):
+            conf, tok = float("nan"), None
+            for i in range(D):
                 if fill is not None:
                     fill(session, i)
                 h = session.layer(i, h)
@@ -197,8 +209,14 @@ class LosslessDecoder(EarlyExitDecoder):
                     if conf >= lam:
                         if tok is None:
                             tok = self._exit_token(i + 1, flat)
-                        return tok, i + 1, conf, states, h
-            return int(self.view.logits(h[0, -1]).argmax(-1)), L, float("nan"), states, h
+                        return tok, i + 1, conf, states, h, True
+                else:
+                    conf, tok = float("nan"), None
+            if D == L:
+                return int(self.view.logits(h[0, -1]).argmax(-1)), L, float("nan"), states, h, False
+            if tok is None:
+                tok = self._exit_token(D, h[0, -1])
+            return tok, D, conf, states, h, False
         s = cfg.static_layer if cfg.policy == "static" else L
         for i in range(s):
             if fill is not None:
@@ -206,7 +224,7 @@ class LosslessDecoder(EarlyExitDecoder):
             h = session.layer(i, h)
             states.append(h)
         tok = self._exit_token(s, h[0, -1]) if s < L else int(self.view.logits(h[0, -1]).argmax(-1))
-        return tok, s, float("nan"), states, h
+        return tok, s, float("nan"), states, h, True
 
     def _fill(self, session, i: int) -> None:
         """Lazy state propagation: before layer ``i`` runs at the current position, give it the K/V of the
@@ -288,7 +306,7 @@ class LosslessDecoder(EarlyExitDecoder):
             self._pending = {}
             inp, exact = x, False
             for k in range(min(self.draft_len, budget)):
-                tok, e, conf, states, hx = self._draft(session, session.embed(inp), len(tokens) + k)
+                tok, e, conf, states, hx, confident = self._draft(session, session.embed(inp), len(tokens) + k)
                 if k == 0 and e == L:  # exact: every earlier position's K/V is the full model's
                     exact = True
                     tokens.append(tok)
@@ -300,7 +318,7 @@ class LosslessDecoder(EarlyExitDecoder):
                 d_exits.append(e)
                 d_confs.append(conf)
                 d_states.append(states)
-                if tok in eos or k == min(self.draft_len, budget) - 1 or (self.adaptive and e == L):
+                if tok in eos or k == min(self.draft_len, budget) - 1 or (self.adaptive and not confident):
                     break
                 if e < L:  # CALM state propagation for later drafts' attention, done lazily (_fill)
                     self._pending[P + k] = hx
@@ -348,10 +366,10 @@ class LosslessDecoder(EarlyExitDecoder):
 
 def lossless_generate(view, prompt_ids, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
                       project=None, reuse_draft_layers: bool = True, adaptive: bool = True,
-                      **config) -> LosslessResult:
+                      max_draft_layer: int | None = None, **config) -> LosslessResult:
     """Convenience: ``LosslessDecoder(view, ExitConfig(**config), draft_len, ...).generate(prompt_ids)``."""
     return LosslessDecoder(view, ExitConfig(**config), draft_len, measure, project, reuse_draft_layers,
-                           adaptive).generate(prompt_ids)
+                           adaptive, max_draft_layer).generate(prompt_ids)
 
 
 # ---- side-by-side comparison ----------------------------------------------------------------------

@@ -108,7 +108,8 @@ def _sweep(view, prompts, ref, measure_kwargs, check_cache=None, **extra):
                 assert len(res.exit_layers) == len(res.tokens) == len(res.confidences) == len(res.token_ms)
                 assert res.accepted <= res.drafted and sum(res.accepted_per_pass) == res.accepted
                 assert len(res.draft_exit_layers) == res.drafted
-                if th == 1.0 and measure_kwargs.get("policy") == "confidence" and "state" != measure_kwargs.get("measure"):
+                if (th == 1.0 and measure_kwargs.get("policy") == "confidence" and extra.get("max_draft_layer") is None
+                        and "state" != measure_kwargs.get("measure")):
                     assert res.verify_passes == 0  # never confident: plain full decoding
                 if check_cache is not None:
                     _assert_same_cache(dec.session.cache, check_cache[j].cache)
@@ -137,11 +138,12 @@ def test_llama_identical_and_cache(tiny_view, llama_ref, measure):
         assert tot["exact"] > 0
 
 
-@pytest.mark.parametrize("reuse,adaptive", [(False, True), (True, False), (False, False)])
-def test_llama_variants(tiny_view, llama_ref, reuse, adaptive):
+@pytest.mark.parametrize("reuse,adaptive,max_layer", [(False, True, None), (True, False, None), (False, False, None),
+                                                      (True, True, 2), (True, False, 3)])
+def test_llama_variants(tiny_view, llama_ref, reuse, adaptive, max_layer):
     ref, sessions = llama_ref
     tot = _sweep(tiny_view, LLAMA_PROMPTS[:3], ref[:3], MEASURES["softmax_diff"], check_cache=sessions[:3],
-                 reuse_draft_layers=reuse, adaptive=adaptive)
+                 reuse_draft_layers=reuse, adaptive=adaptive, max_draft_layer=max_layer)
     assert tot["drafted"] > tot["accepted"]
 
 
@@ -208,6 +210,8 @@ def test_rejects_bad_arguments(tiny_view):
         LosslessDecoder(tiny_view, ExitConfig(policy="oracle"))
     with pytest.raises(ValueError, match="draft_len"):
         LosslessDecoder(tiny_view, ExitConfig(), draft_len=0)
+    with pytest.raises(ValueError, match="max_draft_layer"):
+        LosslessDecoder(tiny_view, ExitConfig(), max_draft_layer=tiny_view.num_layers + 1)
 
 
 # ---- encoder-decoder (tiny T5) ------------------------------------------------------------------
@@ -236,6 +240,12 @@ def test_t5_static_and_no_reuse(t5_view, t5_ref):
                                                               max_new_tokens=N_NEW), n, reuse_draft_layers=reuse)
                     assert dec.generate(s).tokens == ref[j]
                     _assert_same_cache(dec.session.cache, sessions[j].cache)
+
+
+def test_t5_max_draft_layer(t5_view, t5_ref):
+    ref, sessions = t5_ref
+    tot = _sweep(t5_view, T5_SOURCES[:3], ref[:3], MEASURES["topk_diff"], check_cache=sessions[:3], max_draft_layer=2)
+    assert tot["passes"] > 0 and tot["exact"] == 0  # never past layer 2: every token is drafted and verified
 
 
 def test_t5_first_token_is_drafted(t5_view):
