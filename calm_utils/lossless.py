@@ -36,6 +36,7 @@ handles ``n > 1`` directly (``position_bias(P, n)``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -392,39 +393,41 @@ class Method:
 
 
 def default_methods(num_layers: int, t5: bool, smoke: bool = False) -> list[Method]:
-    """The comparison's methods. T5 (CALM-trained, 8 layers): drafts from the state / top-k / softmax-diff
-    measures and a fixed exit layer; SmolLM2 (frozen, 30 layers): late exits only. HF's early-exit
-    self-speculation runs on Llama-family models only (not on T5 in transformers 5.25)."""
+    """The comparison's methods. T5 (CALM-trained, 8 layers): drafts from a fixed exit layer (LayerSkip-style),
+    the top-k / state / softmax-diff measures, and top-k capped at a shallow layer (``max_draft_layer``);
+    CALM's lossy exits at a fixed threshold 0.9 (``softmax_diff`` and ``topk_diff``). SmolLM2 (frozen, 30
+    layers): late exits only, plus HF ``generate(assistant_early_exit=E)`` (Llama-family only: it does not
+    run on T5 in transformers 5.25)."""
     L = num_layers
     C = lambda **kw: ExitConfig(**kw)
     ms = [Method("hf_generate", "greedy", "hf"), Method("ours_full", "full", "full", C(policy="full"))]
     if t5:
-        lossy = [("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9)),
-                 ("topk_diff(k=32)@0.9", C(measure="topk_diff", threshold=0.9, measure_kwargs={"k": 32}))]
-        drafts = [("state@0.9", C(measure="state", threshold=0.9)),
-                  ("topk_diff(k=32)@0.5", C(measure="topk_diff", threshold=0.5, measure_kwargs={"k": 32})),
-                  ("topk_diff(k=32)@0.9", C(measure="topk_diff", threshold=0.9, measure_kwargs={"k": 32})),
-                  ("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9)),
-                  ("static-2", C(policy="static", static_layer=2))]
-        lens = (4,) if smoke else (4, 8)
+        top = lambda th: C(measure="topk_diff", threshold=th, measure_kwargs={"k": 32})
+        lossy = [("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9)), ("topk_diff(k=32)@0.9", top(0.9))]
+        drafts = [("static-2", C(policy="static", static_layer=2), (4, 6), {}),
+                  ("topk_diff(k=32)@0.5,max3", top(0.5), (4, 8), {"max_draft_layer": 3}),
+                  ("static-3", C(policy="static", static_layer=3), (4,), {}),
+                  ("topk_diff(k=32)@0.9", top(0.9), (4,), {}),
+                  ("state@0.9", C(measure="state", threshold=0.9), (4,), {}),
+                  ("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9), (4,), {})]
         ee = []
     else:
-        lossy = [("topk_diff(k=64)@0.9,min20", C(measure="topk_diff", threshold=0.9, min_exit_layer=20,
-                                                 measure_kwargs={"k": 64}))]
-        drafts = [("topk_diff(k=64)@0.9,min20", C(measure="topk_diff", threshold=0.9, min_exit_layer=20,
-                                                  measure_kwargs={"k": 64})),
-                  ("softmax_diff@0.9,min24,every2", C(measure="softmax_diff", threshold=0.9, min_exit_layer=24,
-                                                      exit_interval=2)),
-                  (f"static-{L - 6}", C(policy="static", static_layer=L - 6))]
-        lens = (4,) if smoke else (2, 4)
-        ee = [L // 2, L - 6] if not smoke else [L - 6]
+        top = C(measure="topk_diff", threshold=0.9, min_exit_layer=20, measure_kwargs={"k": 64})
+        lossy = [("topk_diff(k=64)@0.9,min20", top)]
+        drafts = [("topk_diff(k=64)@0.9,min20", top, (2, 4), {}),
+                  (f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2, 4), {}),
+                  ("topk_diff(k=64)@0.5,min16,max24",
+                   C(measure="topk_diff", threshold=0.5, min_exit_layer=16, measure_kwargs={"k": 64}), (4,),
+                   {"max_draft_layer": 24})]
+        ee = [L // 2, L - 6]
     if smoke:
-        drafts = drafts[:2]
+        drafts = [(name, cfg, lens[:1], kw) for name, cfg, lens, kw in drafts[:2]]
+        ee = ee[-1:]
     for name, cfg in lossy:
         ms.append(Method("calm_lossy", name, "lossy", cfg))
-    for name, cfg in drafts:
+    for name, cfg, lens, kw in drafts:
         for n in lens:
-            ms.append(Method("lossless", f"{name},n={n}", "lossless", cfg, draft_len=n))
+            ms.append(Method("lossless", f"{name},n={n}", "lossless", copy.deepcopy(cfg), draft_len=n, kwargs=kw))
     for e in ee:
         ms.append(Method("hf_assistant_early_exit", f"E={e}", "hf_early_exit", layer=e))
     return ms

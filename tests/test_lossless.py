@@ -291,3 +291,17 @@ def test_hf_assistant_early_exit_t5_unsupported(t5_tiny):
     with pytest.raises(AttributeError, match="transformer"), torch.inference_mode():
         t5_tiny.generate(torch.tensor([T5_SOURCES[0]]), max_new_tokens=4, do_sample=False, assistant_early_exit=2,
                          cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+
+
+def test_compare_lossless_tiny(tiny_model, tiny_view):
+    from calm_utils.lossless import Method, compare_lossless
+    methods = [Method("hf_generate", "greedy", "hf"), Method("ours_full", "full", "full", ExitConfig(policy="full")),
+               Method("calm_lossy", "sd@0", "lossy", ExitConfig(threshold=0.0)),
+               Method("lossless", "sd@0,n=4", "lossless", ExitConfig(threshold=0.0), draft_len=4),
+               Method("hf_assistant_early_exit", "E=2", "hf_early_exit", layer=2)]
+    runs, summ = compare_lossless(tiny_model, tiny_view, LLAMA_PROMPTS[:2], methods, 8, repeats=1, log=lambda s: None)
+    assert len(runs) == 2 * len(methods)
+    s = summ.set_index("method")
+    assert s.loc[["hf_generate", "ours_full", "lossless", "hf_assistant_early_exit"], "identical"].all()
+    assert 0 <= s.loc["lossless", "acceptance"] <= 1 and s.loc["hf_generate", "speedup"] == 1.0
+    assert {"model", "method", "setting", "speedup", "acceptance", "identical"} <= set(summ.columns)
