@@ -288,3 +288,23 @@ def state_check(view, data: dict) -> pd.DataFrame:
         rows.append((l, float(raw[:, l - 1].mean()), float(raw[:, l - 1].std()),
                      roc_auc_score(yl, raw[:, l - 1].numpy()), roc_auc_score(yl, cn[:, l - 1].numpy())))
     return pd.DataFrame(rows, columns=["layer", "cos_mean", "cos_std", "auc_raw", "auc_normed"])
+
+
+def history_balance(scores: dict, labels: torch.Tensor, cost: pd.DataFrame, checked: torch.Tensor,
+                    target: float = 0.9, a: str = "attention", b: str = "linear") -> dict:
+    """Simulated on held-out states at token consistency ``target``: decoder layers per token that head ``a``
+    saves over head ``b`` (lower average exit layer) against the extra cost of its calls, in decoder layers
+    (calls per token = checked layers up to the exit; per-call cost from ``cost.share_of_layer``)."""
+    out = {}
+    for k in (a, b):
+        t = pick_thresholds(scores[k], labels, (target,), checked=checked)[0]
+        s = (scores[k][:, :-1] >= t) & checked[None]
+        L = labels.shape[1]
+        first = torch.where(s.any(1), s.float().argmax(1), torch.full((s.shape[0],), L - 1))   # 0-based exit
+        calls = torch.cumsum(checked.long(), 0)[first.clamp(max=L - 2)].float()
+        share = float(cost.set_index("head").loc[k, "share_of_layer"])
+        out[k] = {"threshold": t, "avg_exit_layer": float((first + 1).float().mean()), "calls": float(calls.mean()),
+                  "overhead_layers": float(calls.mean()) * share}
+    out["layers_saved"] = out[b]["avg_exit_layer"] - out[a]["avg_exit_layer"]
+    out["extra_cost_layers"] = out[a]["overhead_layers"] - out[b]["overhead_layers"]
+    return out
