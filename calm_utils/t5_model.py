@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_model
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -135,3 +135,17 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, "PreTrainedTo
     load_model(model, str(path / "model.safetensors"))  # strict; handles the shared embeddings
     tok = load_tokenizer(path if (path / "tokenizer.json").exists() else TOKENIZER_DIR)
     return model.eval(), tok
+
+
+def export_half(path: str | Path) -> Path:
+    """Rewrite ``path/model.safetensors`` with fp16 storage (halves the committed checkpoint's size).
+
+    ``load_t5`` casts the weights back to the fp32 model on load; every number in the study is
+    computed from the committed (fp16-stored) weights. Writes atomically; idempotent.
+    """
+    from .utils import atomic_write
+    path = Path(path)
+    model, _ = load_t5(path)
+    model.half()
+    atomic_write(path / "model.safetensors", lambda p: save_model(model, str(p)))
+    return path / "model.safetensors"
