@@ -161,11 +161,17 @@ class LosslessDecoder(EarlyExitDecoder):
             token is computed at full depth, exact when it is the first of a round). Below ``L`` this is
             HF's ``assistant_confidence_threshold`` idea with CALM's measures: a cheap unconfident draft stops
             drafting instead of paying for the deeper layers.
+        draft_vocab: token ids the *drafts* may use (e.g. :func:`frequent_tokens`); the draft projection is
+            then the shared final norm + the LM head's rows for these tokens only, pre-gathered once per
+            sequence (with ``draft_vocab_prompt`` plus the prompt's own tokens and EOS). On a memory-bound CPU
+            the full head (V x d) is the dearest part of a shallow draft; a draft outside the subset is simply
+            rejected by verification (the idea of FR-Spec, Zhao et al. 2025). Verification always uses the
+            full head, so the output stays exact.
     """
 
     def __init__(self, view, config: ExitConfig, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
                  project=None, reuse_draft_layers: bool = True, adaptive: bool = True,
-                 max_draft_layer: int | None = None):
+                 max_draft_layer: int | None = None, draft_vocab=None, draft_vocab_prompt: bool = True):
         if config.policy not in DRAFT_POLICIES:
             raise ValueError(f"lossless drafting needs policy in {DRAFT_POLICIES}, got {config.policy!r}")
         if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
@@ -176,12 +182,19 @@ class LosslessDecoder(EarlyExitDecoder):
         if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= self.L:
             raise ValueError(f"max_draft_layer must be an integer in [1, {self.L}], got {max_draft_layer!r}")
         self.max_draft_layer = D
+        if draft_vocab is not None and project is not None:
+            raise ValueError("draft_vocab and a custom exit projection cannot be combined")
+        self.draft_vocab = None if draft_vocab is None else torch.as_tensor(draft_vocab, dtype=torch.long,
+                                                                             device=view.device).unique()
+        self.draft_vocab_prompt = bool(draft_vocab_prompt)
+        self._vocab: Tensor | None = None
         self.session = None  # the last generate()'s session (tests inspect its cache)
 
     def describe(self) -> dict:
         d = super().describe()
         d.update(mode="lossless", draft_len=self.draft_len, reuse_draft_layers=self.reuse, adaptive=self.adaptive,
-                 max_draft_layer=self.max_draft_layer)
+                 max_draft_layer=self.max_draft_layer,
+                 draft_vocab=None if self.draft_vocab is None else int(self.draft_vocab.numel()))
         return d
 
     # ---- one drafted token (no propagation yet: the caller decides) ----------------------------
@@ -210,22 +223,46 @@ class LosslessDecoder(EarlyExitDecoder):
                     if conf >= lam:
                         if tok is None:
                             tok = self._exit_token(i + 1, flat)
-                        return tok, i + 1, conf, states, h, True
+                        return self._map(tok), i + 1, conf, states, h, True
                 else:
                     conf, tok = float("nan"), None
             if D == L:
                 return int(self.view.logits(h[0, -1]).argmax(-1)), L, float("nan"), states, h, False
             if tok is None:
                 tok = self._exit_token(D, h[0, -1])
-            return tok, D, conf, states, h, False
+            return self._map(tok), D, conf, states, h, False
         s = cfg.static_layer if cfg.policy == "static" else L
         for i in range(s):
             if fill is not None:
                 fill(session, i)
             h = session.layer(i, h)
             states.append(h)
-        tok = self._exit_token(s, h[0, -1]) if s < L else int(self.view.logits(h[0, -1]).argmax(-1))
+        tok = self._map(self._exit_token(s, h[0, -1])) if s < L else int(self.view.logits(h[0, -1]).argmax(-1))
         return tok, s, float("nan"), states, h, True
+
+    def _map(self, tok: int) -> int:
+        """A token index from the draft projection -> a vocabulary id (identity without ``draft_vocab``)."""
+        return tok if self._vocab is None else int(self._vocab[tok])
+
+    def _set_draft_vocab(self, ids: Tensor) -> None:
+        """Pre-gather the draft head rows for this sequence and install the restricted projection."""
+        view = self.view
+        parts = [self.draft_vocab, torch.tensor(sorted(view.eos_ids), dtype=torch.long, device=view.device)]
+        if self.draft_vocab_prompt:
+            parts.append(ids.reshape(-1))
+        vocab = torch.cat(parts).unique()
+        need = max(getattr(self.measure, "k", 2), 2)
+        if vocab.numel() < need:
+            raise ValueError(f"the draft vocabulary has {vocab.numel()} tokens; the draft measure needs at least {need}")
+        w = view.head_weight[vocab].contiguous()
+        b = None if view.head_bias is None else view.head_bias[vocab]
+        self._vocab = vocab
+
+        def project(layer, h, rows, w=w, b=b):
+            if rows is None:
+                return F.linear(view.norm(h), w, b)
+            return F.linear(view.norm(h), w[rows], None if b is None else b[rows])
+        self.project = project
 
     def _fill(self, session, i: int) -> None:
         """Lazy state propagation: before layer ``i`` runs at the current position, give it the K/V of the
@@ -280,6 +317,8 @@ class LosslessDecoder(EarlyExitDecoder):
         if limit is not None and ids.shape[1] + N + 1 > limit:
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({N}) + 1 exceeds the model's "
                              f"context of {limit} positions")
+        if self.draft_vocab is not None:
+            self._set_draft_vocab(ids)
         self._ctx = ExitContext(self.project)
         self._pending: dict[int, Tensor] = {}
         eos = view.eos_ids
@@ -365,12 +404,22 @@ class LosslessDecoder(EarlyExitDecoder):
         return res
 
 
+def frequent_tokens(tokenizer, texts: list[str], m: int) -> list[int]:
+    """The ``m`` most frequent token ids of ``texts`` (no special tokens): a draft vocabulary."""
+    from collections import Counter
+    counts = Counter()
+    for i in range(0, len(texts), 512):
+        for ids in tokenizer(texts[i:i + 512], add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+    return [t for t, _ in counts.most_common(m)]
+
+
 def lossless_generate(view, prompt_ids, draft_len: int = 4, measure: ConfidenceMeasure | None = None,
                       project=None, reuse_draft_layers: bool = True, adaptive: bool = True,
-                      max_draft_layer: int | None = None, **config) -> LosslessResult:
+                      max_draft_layer: int | None = None, draft_vocab=None, **config) -> LosslessResult:
     """Convenience: ``LosslessDecoder(view, ExitConfig(**config), draft_len, ...).generate(prompt_ids)``."""
     return LosslessDecoder(view, ExitConfig(**config), draft_len, measure, project, reuse_draft_layers,
-                           adaptive, max_draft_layer).generate(prompt_ids)
+                           adaptive, max_draft_layer, draft_vocab).generate(prompt_ids)
 
 
 # ---- side-by-side comparison ----------------------------------------------------------------------

@@ -163,6 +163,39 @@ def test_llama_static_drafts(tiny_view, llama_ref, layer):
                 assert all(e == layer for e in res.draft_exit_layers)
 
 
+@pytest.mark.parametrize("vocab", [list(range(3, 40)), list(range(20, 97, 2))])
+def test_draft_vocab(tiny_view, llama_ref, t5_view, t5_ref, vocab):
+    """A restricted draft vocabulary (even one missing most of the right tokens) keeps the output exact."""
+    for view, prompts, (ref, sessions) in ((tiny_view, LLAMA_PROMPTS[:3], llama_ref), (t5_view, T5_SOURCES[:3], t5_ref)):
+        v = [t for t in vocab if t < view.vocab_size]
+        for j, p in enumerate(prompts):
+            for n, cfg in ((4, dict(policy="static", static_layer=1)), (8, dict(measure="topk_diff", threshold=0.3,
+                                                                                 measure_kwargs={"k": 4}))):
+                dec = LosslessDecoder(view, ExitConfig(max_new_tokens=N_NEW, **cfg), n, draft_vocab=v)
+                res = dec.generate(p)
+                assert res.tokens == ref[j]
+                _assert_same_cache(dec.session.cache, sessions[j].cache)
+                allowed = set(v) | set(view.eos_ids) | set(torch.as_tensor(p).reshape(-1).tolist())
+                drafted = [t for t, e in zip(res.tokens, res.exit_layers) if e < view.num_layers]
+                assert set(drafted) <= allowed and res.config["draft_vocab"] == len(set(v))
+
+
+def test_draft_vocab_too_small(t5_view):
+    dec = LosslessDecoder(t5_view, ExitConfig(measure="topk_diff", threshold=0.3, measure_kwargs={"k": 8}),
+                          draft_vocab=[3])
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        dec.generate([4, 1])
+
+
+def test_frequent_tokens():
+    from calm_utils.lossless import frequent_tokens
+
+    class Tok:
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
+    assert frequent_tokens(Tok(), ["1 2 2 3 3 3", "3 2"], 2) == [3, 2]
+
+
 def test_llama_learned_head(tiny_view, llama_ref):
     ref, sessions = llama_ref
     for kind in ("linear", "attention"):
