@@ -441,7 +441,7 @@ class Method:
     kwargs: dict = field(default_factory=dict)
 
 
-def default_methods(num_layers: int, t5: bool, smoke: bool = False) -> list[Method]:
+def default_methods(num_layers: int, t5: bool, smoke: bool = False, draft_vocab=None) -> list[Method]:
     """The comparison's methods. T5 (CALM-trained, 8 layers): drafts from a fixed exit layer (LayerSkip-style),
     the top-k / state / softmax-diff measures, and top-k capped at a shallow layer (``max_draft_layer``);
     CALM's lossy exits at a fixed threshold 0.9 (``softmax_diff`` and ``topk_diff``). SmolLM2 (frozen, 30
@@ -459,6 +459,8 @@ def default_methods(num_layers: int, t5: bool, smoke: bool = False) -> list[Meth
                   ("topk_diff(k=32)@0.9", top(0.9), (4,), {}),
                   ("state@0.9", C(measure="state", threshold=0.9), (4,), {}),
                   ("softmax_diff@0.9", C(measure="softmax_diff", threshold=0.9), (4,), {})]
+        vocab_drafts = [("static-2", C(policy="static", static_layer=2), (4,), {}),
+                        ("topk_diff(k=32)@0.5,max3", top(0.5), (4, 8), {"max_draft_layer": 3})]
         ee = []
     else:
         top = C(measure="topk_diff", threshold=0.9, min_exit_layer=20, measure_kwargs={"k": 64})
@@ -468,9 +470,15 @@ def default_methods(num_layers: int, t5: bool, smoke: bool = False) -> list[Meth
                   ("topk_diff(k=64)@0.5,min16,max24",
                    C(measure="topk_diff", threshold=0.5, min_exit_layer=16, measure_kwargs={"k": 64}), (4,),
                    {"max_draft_layer": 24})]
+        vocab_drafts = [(f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2, 4), {}),
+                        ("topk_diff(k=64)@0.9,min20", top, (2,), {})]
         ee = [L // 2, L - 6]
+    if draft_vocab is not None:
+        M = len(set(int(t) for t in draft_vocab))
+        drafts = drafts + [(f"{name},V={M}", cfg, lens, {**kw, "draft_vocab": draft_vocab})
+                           for name, cfg, lens, kw in vocab_drafts]
     if smoke:
-        drafts = [(name, cfg, lens[:1], kw) for name, cfg, lens, kw in drafts[:2]]
+        drafts = [(name, cfg, lens[:1], kw) for name, cfg, lens, kw in drafts[:2] + drafts[-1:]]
         ee = ee[-1:]
     for name, cfg in lossy:
         ms.append(Method("calm_lossy", name, "lossy", cfg))
