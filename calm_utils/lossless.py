@@ -466,11 +466,8 @@ def default_methods(num_layers: int, t5: bool, smoke: bool = False, draft_vocab=
         top = C(measure="topk_diff", threshold=0.9, min_exit_layer=20, measure_kwargs={"k": 64})
         lossy = [("topk_diff(k=64)@0.9,min20", top)]
         drafts = [("topk_diff(k=64)@0.9,min20", top, (2, 4), {}),
-                  (f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2, 4), {}),
-                  ("topk_diff(k=64)@0.5,min16,max24",
-                   C(measure="topk_diff", threshold=0.5, min_exit_layer=16, measure_kwargs={"k": 64}), (4,),
-                   {"max_draft_layer": 24})]
-        vocab_drafts = [(f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2, 4), {}),
+                  (f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2,), {})]
+        vocab_drafts = [(f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2,), {}),
                         ("topk_diff(k=64)@0.9,min20", top, (2,), {})]
         ee = [L // 2, L - 6]
     if draft_vocab is not None:
