@@ -44,6 +44,8 @@ def task_prompts(task: str, n: int, tokenizer, seed: int = 0, max_prompt_tokens:
     else:
         ds = load_scitldr("test")
         make = lambda r: (str(r["paper_id"]), scitldr_prompt(r["source"]), list(r["targets"]))
+    if n < 1:
+        return []
     order = np.random.default_rng(seed).permutation(len(ds))
     out = []
     for idx in order:

@@ -147,7 +147,12 @@ class LayerwiseLM:
         return self.body.embed_tokens(ids)
 
     def layer(self, i: int, h: Tensor, cache: KVCache, pos: Positions) -> Tensor:
-        """Run decoder layer ``i`` (0-based) on ``h`` (1, n, d) at positions ``pos``; appends its K/V."""
+        """Run decoder layer ``i`` (0-based) on ``h`` (1, n, d) at positions ``pos``; appends its K/V.
+
+        Several new positions (n > 1) are causal only from an *empty* cache (the prompt pass): attention
+        uses SDPA's ``is_causal``, which aligns the mask top-left. Multi-position steps after a filled
+        cache need an explicit mask (``calm_utils.lossless`` builds one).
+        """
         if self._lean is None:
             return self.layers[i](h, attention_mask=None, cache=cache, use_cache=True,
                                   position_embeddings=(pos.cos, pos.sin))
