@@ -25,10 +25,10 @@ import torch
 torch.set_num_threads(1)
 
 import pandas as pd  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from calm_utils.collect import collect_states  # noqa: E402
+from calm_utils.exit_study import state_cosine  # noqa: E402
 from calm_utils.data import load_scitldr, load_squad, scitldr_prompt, squad_prompt  # noqa: E402
 from calm_utils.heads import KINDS, predict, time_head_call, train_head  # noqa: E402
 from calm_utils.confidence import ExitContext, SoftmaxDiff  # noqa: E402
@@ -44,14 +44,6 @@ def prompts(tok, squad, scitldr, sq_rows, sci_rows):
     out = [encode_chat(tok, squad_prompt(squad[i]["context"], squad[i]["question"])) for i in sq_rows]
     out += [encode_chat(tok, scitldr_prompt(scitldr[i]["source"])) for i in sci_rows]
     return out
-
-
-def state_cosine(states: torch.Tensor) -> torch.Tensor:
-    """The ``state`` measure offline: cos(h_{l-1}, h_l) for l = 1..L (0 at layer 1, as the measure does)."""
-    s = states.float()
-    cos = F.cosine_similarity(s[:, :-1], s[:, 1:], dim=-1)
-    cos[:, 0] = 0.0
-    return cos
 
 
 def auc_rows(model, name, scores, labels, L):
