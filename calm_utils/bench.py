@@ -3,6 +3,10 @@
     python -m calm_utils.bench --model smollm2-135m|t5_calm [--device cpu|cuda] [--prompts N]
         [--max-new M] [--repeats R] [--threads T] [--smoke] [--out figures/speed]
 
+Besides the defaults, the full setting benchmarks the study's own choices, read from the notebooks' tables
+(``study_configs``): the learned exit heads and linear maps of notebook 02 at their matched-consistency
+thresholds, and the Learn-then-Test thresholds of notebook 01 (T5); ``--no-study`` leaves them out.
+
 Or from a notebook: ``run_bench(load_subject("smollm2-135m"), default_configs("smollm2-135m"))``.
 
 What is timed (batch size 1, greedy):
@@ -57,6 +61,7 @@ from .decoding import EarlyExitDecoder, ExitConfig
 from .utils import REPO_ROOT
 
 COMPONENTS = ("prompt", "layers", "head", "conf", "prop", "other")
+COUNTS = ("n_layers", "n_head", "n_head_batch", "n_head_rows", "n_conf", "n_prop")
 
 
 def _sync(device) -> None:
@@ -161,13 +166,16 @@ def default_configs(model: str, num_layers: int, smoke: bool = False) -> dict[st
                                       measure_kwargs={"k": 8}, min_exit_layer=2)}
     if model.startswith("t5"):
         c = {"full": dict(policy="full"), "oracle": dict(policy="oracle")}
-        for s in (2, 4):
+        for s in (2, 3, 4, 5, 6):
             if s < L:
                 c[f"static_{s}"] = dict(policy="static", static_layer=s)
         for th in (0.9, 0.7, 0.5):
             c[f"softmax_diff_{th}"] = dict(policy="confidence", measure="softmax_diff", threshold=th)
         for th in (0.9, 0.7):
             c[f"topk_diff_{th}"] = dict(policy="confidence", measure="topk_diff", threshold=th, measure_kwargs={"k": 16})
+        for th, m in ((0.7, 4), (0.5, 3)):   # CALM's minimum exit layer: no exits from the weakest layers
+            c[f"topk_diff_{th}_min{m}"] = dict(policy="confidence", measure="topk_diff", threshold=th,
+                                               measure_kwargs={"k": 16}, min_exit_layer=m)
         c["state_0.99"] = dict(policy="confidence", measure="state", threshold=0.99)
         return c
     # SmolLM2 (frozen, L=30): few early layers agree with the last one; check late layers only
@@ -183,6 +191,64 @@ def default_configs(model: str, num_layers: int, smoke: bool = False) -> dict[st
             "topk_diff_0.7_min16": dict(policy="confidence", measure="topk_diff", threshold=0.7, min_exit_layer=16,
                                         measure_kwargs={"k": 64}),
             "state_0.99_min16": dict(policy="confidence", measure="state", threshold=0.99, min_exit_layer=16)}
+
+
+# exit settings of the study's notebooks, read from their tables (name in figures/*.csv -> bench model)
+_STUDY_MODEL = {"smollm2-135m": "smollm2-135m", "t5_calm": "t5-calm"}
+SMOL_HEAD_CHECKS = dict(min_exit_layer=14, exit_interval=3)   # as notebook 02 (SMOL_MIN_EXIT, SMOL_INTERVAL)
+
+
+def study_configs(model: str, figures: Path | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Configurations whose thresholds the study's notebooks chose, read from ``figures/``:
+
+    - learned exit heads (notebook 02, ``exit_matched.csv``): the linear and attention heads, without and with
+      linear maps, at the lowest-exit threshold whose measured consistency reached each level;
+    - Learn-then-Test thresholds (notebook 01, ``calibration_t5.csv``; T5 only: on SmolLM2 LTT certified no
+      threshold below 1 at the study's calibration sizes): textual consistency, every delta with a threshold < 1.
+
+    A head config carries ``head`` (kind) and ``maps`` (bool); ``run_bench`` needs ``extras`` with the trained
+    heads and maps then (:func:`study_extras`). Missing tables are skipped with a message."""
+    figures = Path(figures) if figures is not None else REPO_ROOT / "figures"
+    key = _STUDY_MODEL.get(model)
+    out: dict[str, dict] = {}
+    if key is None:
+        return out
+    matched = figures / "exit_matched.csv"
+    if matched.exists():
+        m = pd.read_csv(matched)
+        m = m[(m.model == key) & m.reached.astype(bool) & m.measure.isin(["linear", "attention"])]
+        for (measure, maps, th), g in m.groupby(["measure", "maps", "threshold"], sort=True):
+            lvl = g.level.max()
+            name = f"{measure}{'+maps' if maps else ''}_{th:.3g}(c>={lvl:g})"
+            kw = dict(policy="confidence", threshold=float(th), head=measure, maps=bool(maps))
+            if key == "smollm2-135m":
+                kw.update(SMOL_HEAD_CHECKS)
+            out[name] = kw
+    else:
+        log(f"study_configs: {matched} missing (run notebook 02): no learned-head configurations")
+    cal = figures / "calibration_t5.csv"
+    if key == "t5-calm":
+        if cal.exists():
+            c = pd.read_csv(cal)
+            c = c[(c.method == "ltt") & (c.constraint == "textual") & (c.threshold < 1)]
+            for _, r in c.iterrows():
+                measure, kwargs = r.measure, {}
+                if "(k=" in measure:
+                    kwargs = {"k": int(measure.split("(k=")[1].rstrip(")"))}
+                    measure = measure.split("(")[0]
+                out[f"ltt_{r.measure}_d{r.delta:g}"] = dict(policy="confidence", measure=measure,
+                                                         threshold=float(r.threshold), measure_kwargs=kwargs)
+        else:
+            log(f"study_configs: {cal} missing (run notebook 01): no LTT configurations")
+    return out
+
+
+def study_extras(model: str, view, tokenizer, smoke: bool = False) -> dict:
+    """The trained exit heads and linear maps of notebook 02 (cached artefacts; computed if absent)."""
+    from . import exit_study as es
+    art = (es.t5_artefacts(view, tokenizer, smoke) if model.startswith("t5")
+           else es.smollm2_artefacts(view, tokenizer, smoke))
+    return {"heads": art["heads"], "maps": art["maps"]}
 
 
 # ---- profiling wrappers (profiling pass only) ---------------------------------------------------
@@ -243,7 +309,11 @@ class ProfiledView:
         return ProfiledSession(s, self._p), h
 
     def logits(self, h, rows=None):
-        return self._p.call("head", self._v.logits, h, rows, count="head" if rows is None else "head_rows")
+        # one (n, d) call with n > 1 (the oracle's every-layer check) is costed on its own: memory-bound,
+        # it costs neither one single-vector call nor n of them
+        batched = rows is None and h.dim() == 2 and h.shape[0] > 1
+        count = "head_batch" if batched else ("head" if rows is None else "head_rows")
+        return self._p.call("head", self._v.logits, h, rows, count=count)
 
     def __getattr__(self, a):
         return getattr(self._v, a)
@@ -270,15 +340,29 @@ def _iqr(x) -> float:
     return float(q3 - q1)
 
 
-def _decoder(view, kwargs: dict, max_new: int) -> EarlyExitDecoder:
-    return EarlyExitDecoder(view, ExitConfig(max_new_tokens=max_new, **kwargs))
+def _decoder(view, kwargs: dict, max_new: int, extras: dict | None = None) -> EarlyExitDecoder:
+    """``kwargs``: ``ExitConfig`` fields, plus ``head`` (a trained head's kind) and ``maps`` (project through the
+    linear maps), resolved from ``extras`` (:func:`study_extras`)."""
+    kw = dict(kwargs)
+    head, maps = kw.pop("head", None), kw.pop("maps", False)
+    measure = project = None
+    if head is not None or maps:
+        if not extras:
+            raise ValueError(f"configuration {kwargs} needs the trained heads/maps: pass extras=study_extras(...)")
+        if head is not None:
+            from .heads import HeadMeasure
+            measure = HeadMeasure(extras["heads"][head])
+        if maps:
+            lm = extras["maps"]
+            project = lambda layer, h, rows: view.logits(lm.map(layer, h), rows)  # noqa: E731 (view may be profiled)
+    return EarlyExitDecoder(view, ExitConfig(max_new_tokens=max_new, **kw), measure, project)
 
 
 def timed_runs(subject: Subject, configs: dict[str, dict], max_new: int, repeats: int,
                log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
     """Interleaved timed runs; returns (one row per run, {config: [tokens per prompt]} from repeat 0)."""
     view, dev = subject.view, subject.device
-    decs = {name: _decoder(view, kw, max_new) for name, kw in configs.items()}
+    decs = {name: _decoder(view, kw, max_new, subject.extra.get("study")) for name, kw in configs.items()}
     rows, outputs = [], {"hf_generate": [], **{n: [] for n in configs}}
     with torch.inference_mode():
         # warm-up (allocator, rotary/bias tables, lazy inits) on the first prompt, untimed
@@ -320,7 +404,7 @@ def profile_pass(subject: Subject, configs: dict[str, dict], max_new: int) -> pd
             for p_i, p in enumerate(subject.prompts):
                 prof = Profiler(subject.device)
                 pv = ProfiledView(subject.view, prof)
-                d = _decoder(pv, kw, max_new)
+                d = _decoder(pv, kw, max_new, subject.extra.get("study"))
                 if d.measure is not None:
                     d.measure = ProfiledMeasure(d.measure, prof)
                 _sync(subject.device)
@@ -335,7 +419,7 @@ def profile_pass(subject: Subject, configs: dict[str, dict], max_new: int) -> pd
                                  exit_layers=list(res.exit_layers), **ms,
                                  **{f"n_{k}": v for k, v in prof.counts.items()}))
     df = pd.DataFrame(rows)
-    for k in ("n_layers", "n_head", "n_head_rows", "n_conf", "n_prop", "n_embed"):
+    for k in COUNTS + ("n_embed",):
         if k not in df:
             df[k] = 0
     return df.fillna({k: 0 for k in df.columns if k.startswith("n_")})
@@ -346,13 +430,12 @@ def unit_costs(prof: pd.DataFrame) -> dict:
     s = prof.sum(numeric_only=True)
     u = {"layer": s.t_layers / max(s.n_layers, 1), "prop": s.t_prop / max(s.n_prop, 1) if s.n_prop else 0.0}
     # head: full-vocabulary calls dominate; restricted-row calls get their own cost from configs with rows
-    full_only = prof[(prof.n_head_rows == 0) & (prof.config != "oracle")]  # oracle: one batched (L-1)-row call
+    full_only = prof[(prof.n_head_rows == 0) & (prof.n_head_batch == 0)]
     u["head"] = full_only.t_head.sum() / max(full_only.n_head.sum(), 1)
-    rows = prof[prof.n_head_rows > 0]
-    if len(rows):
-        u["head_rows"] = max(0.0, (rows.t_head.sum() - u["head"] * rows.n_head.sum()) / rows.n_head_rows.sum())
-    else:
-        u["head_rows"] = 0.0
+    for kind in ("head_rows", "head_batch"):   # restricted rows (top-k); one (L-1)-vector call (oracle)
+        g = prof[prof[f"n_{kind}"] > 0]
+        u[kind] = (max(0.0, (g.t_head.sum() - u["head"] * g.n_head.sum()) / g[f"n_{kind}"].sum())
+                   if len(g) else 0.0)
     u["conf"] = {m: g.t_conf.sum() / max(g.n_conf.sum(), 1) for m, g in prof[prof.n_conf > 0].groupby("measure")}
     full = prof[prof.config == "full"]
     u["other_per_token"] = (full.t_other.sum() / full.tokens.sum()) if len(full) else 0.0
@@ -363,14 +446,16 @@ def unit_costs(prof: pd.DataFrame) -> dict:
 def _predicted_ms(row, u: dict, counts: dict) -> float:
     conf_u = u["conf"].get(row["measure"], 0.0) if row["measure"] else 0.0
     return (u["prompt_per_prompt"].get(int(row["prompt"]), row["t_prompt"]) + counts["n_layers"] * u["layer"]
-            + counts["n_head"] * u["head"] + counts["n_head_rows"] * u["head_rows"] + counts["n_conf"] * conf_u
+            + counts["n_head"] * u["head"] + counts["n_head_rows"] * u["head_rows"]
+            + counts["n_head_batch"] * u["head_batch"] + counts["n_conf"] * conf_u
             + counts["n_prop"] * u["prop"] + row["tokens"] * u["other_per_token"])
 
 
 def _bound_counts(row, L: int, first_is_prompt: bool) -> dict:
     """Calls if only the exit layers were paid: exit layers + one head + propagation, no confidence."""
     ex = row["exit_layers"][1:] if first_is_prompt else row["exit_layers"]
-    return dict(n_layers=sum(ex), n_head=len(ex), n_head_rows=0, n_conf=0, n_prop=sum(L - e for e in ex))
+    return dict(n_layers=sum(ex), n_head=len(ex), n_head_batch=0, n_head_rows=0, n_conf=0,
+                n_prop=sum(L - e for e in ex))
 
 
 def decode_columns(runs: pd.DataFrame, first_is_prompt: bool) -> pd.DataFrame:
@@ -402,7 +487,7 @@ def summarize(subject: Subject, runs: pd.DataFrame, outputs: dict, prof: pd.Data
     full_texts = texts["full"]
     pred = {}
     for _, row in prof.iterrows():
-        counts = {k: row[k] for k in ("n_layers", "n_head", "n_head_rows", "n_conf", "n_prop")}
+        counts = {k: row[k] for k in COUNTS}
         pred.setdefault(row.config, []).append((_predicted_ms(row, u, counts),
                                                 _predicted_ms(row, u, _bound_counts(row, L, first_is_prompt)),
                                                 row.tokens))
@@ -441,7 +526,7 @@ def summarize(subject: Subject, runs: pd.DataFrame, outputs: dict, prof: pd.Data
             row["profiled_ms_per_token"] = pg.profiled_ms.sum() / ntok
             for c in COMPONENTS:
                 row[f"t_{c}"] = pg[f"t_{c}"].sum() / ntok
-            for k in ("n_layers", "n_head", "n_head_rows", "n_conf", "n_prop"):
+            for k in COUNTS:
                 row[k + "_per_token"] = pg[k].sum() / ntok
         else:
             row.update(ideal_speedup=np.nan, realized_over_ideal=np.nan, avg_exit_layer=float(L))
@@ -526,7 +611,8 @@ def run_bench(subject: Subject, configs: dict[str, dict], max_new: int = 32, rep
                 loadavg_before=load0, loadavg_after=os.getloadavg(), wall_s=time.time() - t0,
                 n_prompts=len(subject.prompts), prompt_lens=[int(p.ids.shape[1]) for p in subject.prompts],
                 max_new=max_new, repeats=repeats, unit_costs_ms=units, configs=configs,
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), **subject.extra, **(settings or {}))
+                date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                **{k: v for k, v in subject.extra.items() if k != "study"}, **(settings or {}))
     if subject.device.type == "cuda":
         side["gpu"] = torch.cuda.get_device_name(subject.device)
     if out is not None:
@@ -598,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, 1 repeat, few configs")
+    ap.add_argument("--no-study", action="store_true", help="only the default configurations (no learned heads "
+                    "or thresholds read from the notebooks' tables)")
     ap.add_argument("--out", default=None, help="output stem (default figures/speed_<model>)")
     ap.add_argument("--hotpath", action="store_true", help="only the lean-path before/after (SmolLM2) -> "
                     "figures/speed_hotpath.json")
@@ -612,8 +700,15 @@ def main(argv: list[str] | None = None) -> int:
         a.prompts, a.max_new, a.repeats = 2, 8, 1
     subject = load_subject(a.model, a.device, a.prompts)
     configs = default_configs(a.model, subject.view.num_layers, a.smoke)
+    if not a.smoke and not a.no_study:
+        extra = study_configs(a.model)
+        if extra:
+            configs.update(extra)
+            if any("head" in kw or kw.get("maps") for kw in extra.values()):
+                subject.extra["study"] = study_extras(a.model, subject.view, subject.view.tokenizer)
     tag = Path(a.model).name.replace("-", "").replace(".", "")
-    out = a.out or str(REPO_ROOT / "figures" / (f"speed_{tag}" + ("_smoke" if a.smoke else "")))
+    # smoke runs never touch the committed figures/ (as plotting.figures_dir in the notebooks)
+    out = a.out or str(REPO_ROOT / (".cache/figures_smoke" if a.smoke else "figures") / (f"speed_{tag}" + ("_smoke" if a.smoke else "")))
     df, side = run_bench(subject, configs, a.max_new, a.repeats, out, settings=dict(threads_arg=a.threads, smoke=a.smoke))
     if not a.smoke and a.out is None:
         combine()

@@ -7,6 +7,7 @@ script of this repository wrote.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -37,8 +38,98 @@ def _img(name: str) -> str:
     return f"![{name}](figures/{name}.png)" if (FIG / f"{name}.png").exists() else ""
 
 
+def _best_speed(speed: pd.DataFrame, model: str, level: float) -> tuple[str, str]:
+    """Best wall-clock speed-up over HF generate among configs of ``model`` with consistency >= level
+    (T5: also BLEU within 1.0 of the full model's)."""
+    d = speed[(speed.model == model) & ~speed.config.isin(["hf_generate", "oracle", "full"])]
+    ok = d[d.consistency >= level]
+    if model.startswith("t5") and "task_metric" in d:
+        full = float(speed.loc[(speed.model == model) & (speed.config == "full"), "task_metric"].iloc[0])
+        ok = ok[ok.task_metric >= full - 1.0]
+    if not len(ok):
+        return "no early-exit configuration reached it", ""
+    r = ok.sort_values("speedup").iloc[-1]
+    return f"{r.speedup:.2f}x ({r.config}; ideal {r.ideal_speedup:.2f}x, consistency {r.consistency:.2f})", r.config
+
+
+def headline() -> str:
+    """One table of the study's key measurements, each read from its CSV (rows whose table is missing are left out)."""
+    rows = []
+    if (a := _read("layer_agreement")) is not None:
+        g = a[a.text == "generated"].set_index("layer").agreement if "generated" in set(a.text) else a.set_index("layer").agreement
+        L = int(g.index.max())
+        rows.append(("SmolLM2: share of generated tokens whose layer-15 / layer-(L-1) prediction is final",
+                     f"{g.get(15, float('nan')):.2f} / {g.get(L - 1, float('nan')):.2f}", "layer_agreement.csv"))
+    if (tl := _read("translation_layers")) is not None:
+        p = tl.pivot_table(index="layer", columns="loss", values="bleu")
+        if {"calm", "last"} <= set(p.columns):
+            rows.append(("T5 BLEU exiting every token at layer 2 / full depth: CALM loss vs last-layer loss",
+                         f"{p.calm.get(2):.1f} vs {p['last'].get(2):.1f} / {p.calm.iloc[-1]:.1f} vs {p['last'].iloc[-1]:.1f}",
+                         "translation_layers.csv"))
+    if (auc := _read("exit_heads_auc")) is not None:
+        m = auc.groupby(["model", "measure"]).auc.mean()
+        for model in dict.fromkeys(auc.model):
+            if (model, "attention") in m and (model, "linear") in m:
+                rows.append((f"{model}: mean held-out AUC, attention head vs linear head vs softmax_diff",
+                             f"{m[model, 'attention']:.3f} vs {m[model, 'linear']:.3f} vs {m.get((model, 'softmax_diff'), float('nan')):.3f}",
+                             "exit_heads_auc.csv"))
+    if (tk := _read("topk_cost")) is not None and "conf_frac_layer" in tk:
+        for model, g in tk.groupby("model", sort=False):
+            small = g[g.k <= 128]
+            full = g[g.k == g.V]
+            if len(small) and len(full):
+                rows.append((f"{model}: confidence call / decoder layer, k <= 128 vs full vocabulary",
+                             f"{small.conf_frac_layer.max():.1%} vs {full.conf_frac_layer.iloc[0]:.0%}", "topk_cost.csv"))
+    if (cal := _read("calibration_t5")) is not None:
+        c = cal[(cal.constraint == "textual") & (cal.delta == 0.3)]
+        for measure, g in c.groupby("measure"):
+            lt, nv = g[g.method == "ltt"], g[g.method == "naive"]
+            if len(lt) and len(nv):
+                rows.append((f"T5 {measure}, δ = 0.3: valid-split fraction, LTT vs naive threshold",
+                             f"{lt.valid_fraction.iloc[0]:.2f} vs {nv.valid_fraction.iloc[0]:.2f}", "calibration_t5.csv"))
+    if (speed := _read("speed")) is not None:
+        for model in dict.fromkeys(speed.model):
+            d = speed[speed.model == model].set_index("config")
+            if "full" in d.index:
+                rows.append((f"{model}: our decoder with exits off vs HF generate (same tokens: "
+                             f"{d.loc['full', 'same_tokens_as_hf']:.0%})", f"{d.loc['full', 'speedup']:.2f}x", "speed.csv"))
+            if model.startswith("t5"):
+                txt, _ = _best_speed(speed, model, 0.0)
+                rows.append((f"{model}: best early-exit speed-up over HF generate at BLEU within 1.0 of full depth",
+                             txt, "speed.csv"))
+            else:
+                for level in (0.9, 0.8):
+                    txt, _ = _best_speed(speed, model, level)
+                    rows.append((f"{model}: best early-exit speed-up over HF generate at consistency >= {level}",
+                                 txt, "speed.csv"))
+    if (ll := _read("lossless")) is not None:
+        g = ll[ll.method == "lossless"]
+        for model, d in g.groupby("model", sort=False):
+            r = d.sort_values("speedup").iloc[-1]
+            rows.append((f"{model}: lossless CALM (exits verified by the full model), best speed-up over HF generate",
+                         f"{r.speedup:.2f}x ({r.setting}; identical output: {bool(r.identical)})", "lossless.csv"))
+    if not rows:
+        return ""
+    df = pd.DataFrame(rows, columns=["measurement", "value", "table (figures/)"])
+    return "### Headline numbers\n\n" + _md(df)
+
+
+def reproduce_time() -> str:
+    path = FIG / "reproduce_time.json"
+    if not path.exists():
+        return ""
+    rec = json.loads(path.read_text())
+    run = rec.get("full_run")
+    if run is None:
+        return ""
+    steps = ", ".join(f"{s['label']} {s['minutes']:.1f}" for s in run["steps"])
+    return (f"The last full reproduction (`make reproduce`, every step executed, {run['cpu_count']} CPU cores) took "
+            f"**{run['total_minutes']:.0f} minutes** on {run['date'][:10]} (minutes per step: {steps}; "
+            "`figures/reproduce_time.json`).")
+
+
 def sections() -> list[str]:
-    out = []
+    out = [s for s in (headline(), reproduce_time()) if s]
     if (agree := _read("layer_agreement")) is not None:
         piv = agree.pivot_table(index="layer", columns="text", values="agreement").reset_index()
         piv = piv[piv.layer.isin([1, 5, 10, 15, 20, 25, 28, 29, 30])]

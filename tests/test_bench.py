@@ -79,3 +79,59 @@ def test_profiler_exclusive_time():
 def test_profiled_view_delegates(tiny_view):
     pv = ProfiledView(tiny_view, Profiler(torch.device("cpu")))
     assert pv.num_layers == tiny_view.num_layers and pv.eos_ids == tiny_view.eos_ids
+
+
+def test_oracle_batched_head_call_is_costed_on_its_own(subject):
+    from calm_utils.bench import unit_costs
+    prof = profile_pass(subject, {"full": dict(policy="full"), "oracle": dict(policy="oracle")}, 6)
+    orc = prof[prof.config == "oracle"]
+    # one (L-1)-vector check per decoded token, counted apart from the single-vector calls
+    assert (orc.n_head_batch == orc.tokens - 1).all() and (prof[prof.config == "full"].n_head_batch == 0).all()
+    u = unit_costs(prof)
+    assert u["head"] > 0 and u["head_batch"] >= 0
+
+
+def test_learned_head_and_linear_maps_configs(subject, tiny_view):
+    from calm_utils.heads import make_head
+    from calm_utils.linear_maps import LinearMaps
+    L, d = tiny_view.num_layers, tiny_view.hidden_size
+    torch.manual_seed(0)
+    extras = {"heads": {"linear": make_head("linear", d, L)}, "maps": LinearMaps.identity(L, d, tiny_view)}
+    subject.extra["study"] = extras
+    try:
+        configs = {"full": dict(policy="full"),
+                   "lin": dict(policy="confidence", threshold=0.0, head="linear"),          # exits at layer 1
+                   "lin_maps": dict(policy="confidence", threshold=0.0, head="linear", maps=True)}
+        df, side = run_bench(subject, configs, max_new=5, repeats=1, log=lambda s: None)
+    finally:
+        subject.extra.pop("study")
+    r = df.set_index("config")
+    assert r.loc["lin", "avg_exit_layer"] == 1 and r.loc["lin_maps", "avg_exit_layer"] == 1
+    # identity maps change nothing: same tokens with and without them
+    assert r.loc["lin", "consistency"] == pytest.approx(r.loc["lin_maps", "consistency"])
+    assert "study" not in side
+
+
+def test_head_config_without_extras_is_a_clear_error(tiny_view):
+    from calm_utils.bench import _decoder
+    with pytest.raises(ValueError, match="study_extras"):
+        _decoder(tiny_view, dict(policy="confidence", threshold=0.5, head="linear"), 4)
+
+
+def test_study_configs_read_the_notebook_tables(tmp_path):
+    from calm_utils.bench import study_configs
+    pd.DataFrame([dict(model="t5-calm", maps=False, measure="linear", level=0.8, threshold=0.85, reached=True),
+                  dict(model="t5-calm", maps=True, measure="attention", level=0.9, threshold=None, reached=False),
+                  dict(model="smollm2-135m", maps=False, measure="linear", level=0.8, threshold=0.9, reached=True)]
+                 ).to_csv(tmp_path / "exit_matched.csv", index=False)
+    pd.DataFrame([dict(measure="topk_diff(k=32)", constraint="textual", method="ltt", delta=0.3, threshold=0.96),
+                  dict(measure="softmax_diff", constraint="textual", method="ltt", delta=0.1, threshold=1.0),
+                  dict(measure="softmax_diff", constraint="textual", method="naive", delta=0.3, threshold=0.5)]
+                 ).to_csv(tmp_path / "calibration_t5.csv", index=False)
+    c = study_configs("t5_calm", tmp_path, log=lambda s: None)
+    assert set(c) == {"linear_0.85(c>=0.8)", "ltt_topk_diff(k=32)_d0.3"}
+    assert c["ltt_topk_diff(k=32)_d0.3"] == dict(policy="confidence", measure="topk_diff", threshold=0.96,
+                                                  measure_kwargs={"k": 32})
+    s = study_configs("smollm2-135m", tmp_path, log=lambda s: None)
+    assert list(s) == ["linear_0.9(c>=0.8)"] and s["linear_0.9(c>=0.8)"]["min_exit_layer"] == 14
+    assert study_configs("tiny", tmp_path) == {}
