@@ -146,15 +146,18 @@ class LayerwiseLM:
         """``ids`` (1, n) -> hidden (1, n, d)."""
         return self.body.embed_tokens(ids)
 
-    def layer(self, i: int, h: Tensor, cache: KVCache, pos: Positions) -> Tensor:
+    def layer(self, i: int, h: Tensor, cache: KVCache, pos: Positions, mask: Tensor | None = None) -> Tensor:
         """Run decoder layer ``i`` (0-based) on ``h`` (1, n, d) at positions ``pos``; appends its K/V.
 
-        Several new positions (n > 1) are causal only from an *empty* cache (the prompt pass): attention
-        uses SDPA's ``is_causal``, which aligns the mask top-left. Multi-position steps after a filled
-        cache need an explicit mask (``calm_utils.lossless`` builds one).
+        Without ``mask``, several new positions (n > 1) are causal only from an *empty* cache (the prompt
+        pass): attention uses SDPA's ``is_causal``, which aligns the mask top-left. Multi-position steps
+        after a filled cache pass an explicit boolean ``mask`` (n, keys), True = attend
+        (``calm_utils.lossless`` builds one).
         """
         if self._lean is None:
-            return self.layers[i](h, attention_mask=None, cache=cache, use_cache=True,
+            am = None if mask is None else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~mask, torch.finfo(h.dtype).min)[None, None]
+            return self.layers[i](h, attention_mask=am, cache=cache, use_cache=True,
                                   position_embeddings=(pos.cos, pos.sin))
         ln1, wq, bq, (wk, bk), (wv, bv), (wo, bo), ln2, (wg, bg), (wu, bu), (wd, bd), act, scale = self._lean[i]
         n, hd = h.shape[1], self.head_dim
@@ -164,7 +167,8 @@ class LayerwiseLM:
         v = F.linear(x, wv, bv).view(1, n, -1, hd).transpose(1, 2)
         q, k = self._rope(q, k, pos.cos, pos.sin)
         k, v = cache.update(k, v, i)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1, scale=scale,
+                                           enable_gqa=True)
         h = h + F.linear(o.transpose(1, 2).reshape(1, n, -1), wo, bo)
         x = _rms(h, ln2)
         return h + F.linear(act(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)

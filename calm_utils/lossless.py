@@ -47,7 +47,6 @@ from torch import Tensor
 
 from .confidence import ConfidenceMeasure, ExitContext
 from .decoding import DecodeResult, EarlyExitDecoder, ExitConfig, _sync
-from .layerwise import _rms
 
 DRAFT_POLICIES = ("confidence", "static", "full")
 
@@ -99,28 +98,6 @@ def _is_t5(session) -> bool:
     return hasattr(session, "cross_kT")
 
 
-def _llama_layer_masked(view, i: int, h: Tensor, cache, pos, mask: Tensor | None) -> Tensor:
-    """``LayerwiseLM.layer`` for ``n`` new positions after a non-empty cache: the same computation with an
-    explicit boolean mask ``(n, keys)`` (True = attend) instead of ``is_causal``."""
-    if view._lean is None:
-        am = None if mask is None else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
-            ~mask, torch.finfo(h.dtype).min)[None, None]
-        return view.layers[i](h, attention_mask=am, cache=cache, use_cache=True,
-                              position_embeddings=(pos.cos, pos.sin))
-    ln1, wq, bq, (wk, bk), (wv, bv), (wo, bo), ln2, (wg, bg), (wu, bu), (wd, bd), act, scale = view._lean[i]
-    n, hd = h.shape[1], view.head_dim
-    x = _rms(h, ln1)
-    q = F.linear(x, wq, bq).view(1, n, -1, hd).transpose(1, 2)
-    k = F.linear(x, wk, bk).view(1, n, -1, hd).transpose(1, 2)
-    v = F.linear(x, wv, bv).view(1, n, -1, hd).transpose(1, 2)
-    q, k = view._rope(q, k, pos.cos, pos.sin)
-    k, v = cache.update(k, v, i)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    h = h + F.linear(o.transpose(1, 2).reshape(1, n, -1), wo, bo)
-    x = _rms(h, ln2)
-    return h + F.linear(act(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
-
-
 def run_layers(view, session, h: Tensor, start: int, first: int, last: int) -> Tensor:
     """Run 0-based layers ``first..last-1`` on ``h`` (1, n, d) at positions ``start..start+n-1`` of the
     session's cache (each layer's cache must hold exactly ``start`` positions; its K/V are appended).
@@ -139,7 +116,7 @@ def run_layers(view, session, h: Tensor, start: int, first: int, last: int) -> T
         k = torch.arange(start + n, device=h.device)[None, :]
         mask = k <= q  # bottom-right causal: position start+j sees keys 0..start+j
     for i in range(first, last):
-        h = _llama_layer_masked(view, i, h, cache, pos, mask)
+        h = view.layer(i, h, cache, pos, mask)
     return h
 
 

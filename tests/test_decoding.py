@@ -9,6 +9,7 @@ import torch
 from calm_utils.confidence import ExitContext, make_measure
 from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate
 from conftest import hf_greedy
+from helpers import generate_with_session
 
 PROMPTS = [[1, 5, 9, 33, 4], [1, 70], [1, 12, 12, 12, 50, 51, 52, 3, 8, 90, 11]]
 
@@ -38,21 +39,8 @@ def test_oracle_with_oracle_cache_never_changes_output(tiny_view, prompt):
 
 
 def _cache_lengths_after(view, config, prompt, measure=None):
-    dec = EarlyExitDecoder(view, config, measure)
-    captured = {}
-    original = view.start
-
-    def spy(ids, n):
-        session, first = original(ids, n)
-        captured["session"] = session
-        return session, first
-
-    view.start = spy
-    try:
-        res = dec.generate(prompt)
-    finally:
-        del view.start
-    return res, captured["session"].cache.lengths
+    res, session = generate_with_session(view, EarlyExitDecoder(view, config, measure), prompt)
+    return res, session.cache.lengths
 
 
 @pytest.mark.parametrize("config", [

@@ -15,6 +15,7 @@ from calm_utils.layerwise import LayerwiseLM
 from calm_utils.lossless import LosslessDecoder, lossless_generate, run_layers
 from calm_utils.t5_layerwise import LayerwiseT5
 from calm_utils.t5_model import build_t5, make_t5_config
+from helpers import generate_with_session
 
 torch.set_num_threads(1)
 
@@ -72,20 +73,7 @@ def _hf_t5(model, src, n):
 
 def _full_with_cache(view, prompt, n):
     """Our full greedy decoding, and the session it leaves (captured from ``view.start``)."""
-    captured = {}
-    original = view.start
-
-    def spy(ids, m):
-        session, first = original(ids, m)
-        captured["session"] = session
-        return session, first
-
-    view.start = spy
-    try:
-        res = EarlyExitDecoder(view, ExitConfig(policy="full", max_new_tokens=n)).generate(prompt)
-    finally:
-        del view.start
-    return res, captured["session"]
+    return generate_with_session(view, EarlyExitDecoder(view, ExitConfig(policy="full", max_new_tokens=n)), prompt)
 
 
 def _assert_same_cache(a, b):

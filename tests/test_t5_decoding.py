@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate
 from calm_utils.t5_layerwise import LayerwiseT5
 from calm_utils.t5_model import build_t5, make_t5_config
+from helpers import generate_with_session
 
 torch.set_num_threads(1)
 
@@ -141,21 +142,7 @@ def test_oracle_with_oracle_cache_never_changes_output(t5_view, src):
 
 
 def _session_after(view, config, src):
-    dec = EarlyExitDecoder(view, config)
-    captured = {}
-    original = view.start
-
-    def spy(ids, n):
-        session, first = original(ids, n)
-        captured["session"] = session
-        return session, first
-
-    view.start = spy
-    try:
-        res = dec.generate(src)
-    finally:
-        del view.start
-    return res, captured["session"]
+    return generate_with_session(view, EarlyExitDecoder(view, config), src)
 
 
 @pytest.mark.parametrize("config", [
