@@ -215,14 +215,17 @@ def test_llama_stats_and_eos(tiny_view):
         assert lossless_generate(tiny_view, p, draft_len=8, threshold=0.0, max_new_tokens=n).tokens == full.tokens
 
 
-def test_multi_position_pass_matches_teacher_forcing(tiny_view):
-    """run_layers on positions appended to a filled cache (bottom-right causal) equals the teacher-forced states."""
+@pytest.mark.parametrize("lean", [True, False])
+def test_multi_position_pass_matches_teacher_forcing(tiny_model, lean):
+    """run_layers on positions appended to a filled cache (bottom-right causal mask) equals the teacher-forced
+    states, on the lean layer path and on the HF layer modules."""
+    view = LayerwiseLM(tiny_model, lean=lean)
     ids = LLAMA_PROMPTS[1]
     T = ids.shape[1]
-    hs = tiny_view.hidden_states(ids)
+    hs = view.hidden_states(ids)
     with torch.inference_mode():
-        session, _ = tiny_view.start(ids[:, :2], T)
-        h = run_layers(tiny_view, session, tiny_view.embed(ids[:, 2:]), 2, 0, tiny_view.num_layers)
+        session, _ = view.start(ids[:, :2], T)
+        h = run_layers(view, session, view.embed(ids[:, 2:]), 2, 0, view.num_layers)
     torch.testing.assert_close(h[0], hs[-1, 2:], atol=1e-5, rtol=1e-4)
 
 
