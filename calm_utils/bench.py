@@ -58,7 +58,7 @@ import torch
 
 from .confidence import ConfidenceMeasure
 from .decoding import EarlyExitDecoder, ExitConfig
-from .utils import REPO_ROOT
+from .utils import REPO_ROOT, scale_layer
 
 COMPONENTS = ("prompt", "layers", "head", "conf", "prop", "other")
 COUNTS = ("n_layers", "n_head", "n_head_batch", "n_head_rows", "n_conf", "n_prop")
@@ -179,18 +179,21 @@ def default_configs(model: str, num_layers: int, smoke: bool = False) -> dict[st
         c["state_0.99"] = dict(policy="confidence", measure="state", threshold=0.99)
         return c
     # SmolLM2 (frozen, L=30): few early layers agree with the last one; check late layers only
+    # (layer numbers chosen for 30 layers, moved to the same relative depth for another model)
+    s = {n: scale_layer(n, L) for n in (16, 20, 22, 27)}
     return {"full": dict(policy="full"),
             "oracle": dict(policy="oracle"),
-            "static_20": dict(policy="static", static_layer=20),
-            "static_27": dict(policy="static", static_layer=27),
-            "softmax_diff_0.9_min20": dict(policy="confidence", measure="softmax_diff", threshold=0.9, min_exit_layer=20),
-            "softmax_diff_0.7_min22": dict(policy="confidence", measure="softmax_diff", threshold=0.7, min_exit_layer=22,
-                                           exit_interval=2),
-            "topk_diff_0.9_min16": dict(policy="confidence", measure="topk_diff", threshold=0.9, min_exit_layer=16,
-                                        measure_kwargs={"k": 64}),
-            "topk_diff_0.7_min16": dict(policy="confidence", measure="topk_diff", threshold=0.7, min_exit_layer=16,
-                                        measure_kwargs={"k": 64}),
-            "state_0.99_min16": dict(policy="confidence", measure="state", threshold=0.99, min_exit_layer=16)}
+            f"static_{s[20]}": dict(policy="static", static_layer=s[20]),
+            f"static_{s[27]}": dict(policy="static", static_layer=s[27]),
+            f"softmax_diff_0.9_min{s[20]}": dict(policy="confidence", measure="softmax_diff", threshold=0.9,
+                                                 min_exit_layer=s[20]),
+            f"softmax_diff_0.7_min{s[22]}": dict(policy="confidence", measure="softmax_diff", threshold=0.7,
+                                                 min_exit_layer=s[22], exit_interval=2),
+            f"topk_diff_0.9_min{s[16]}": dict(policy="confidence", measure="topk_diff", threshold=0.9,
+                                              min_exit_layer=s[16], measure_kwargs={"k": 64}),
+            f"topk_diff_0.7_min{s[16]}": dict(policy="confidence", measure="topk_diff", threshold=0.7,
+                                              min_exit_layer=s[16], measure_kwargs={"k": 64}),
+            f"state_0.99_min{s[16]}": dict(policy="confidence", measure="state", threshold=0.99, min_exit_layer=s[16])}
 
 
 # exit settings of the study's notebooks, read from their tables (name in figures/*.csv -> bench model)

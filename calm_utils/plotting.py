@@ -11,15 +11,22 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .utils import REPO_ROOT, atomic_write, atomic_write_text, cache_dir, smoke_mode
+from .utils import (DEFAULT_MODEL, REPO_ROOT, atomic_write, atomic_write_text, cache_dir, model_slug, smoke_mode,
+                    study_model)
 
 FIGURES = REPO_ROOT / "figures"
 
 
 def figures_dir() -> Path:
     """``figures/`` for the full setting; in the smoke setting (``CALM_SMOKE=1``, CI) a git-ignored
-    ``.cache/figures_smoke/``, so a local ``make test`` never overwrites the study's committed results."""
-    return cache_dir("figures_smoke") if smoke_mode() else FIGURES
+    ``.cache/figures_smoke/``, so a local ``make test`` never overwrites the study's committed results.
+    With another model than the default (``$CALM_MODEL``), a subfolder named after it."""
+    base = cache_dir("figures_smoke") if smoke_mode() else FIGURES
+    model = study_model()
+    if model != DEFAULT_MODEL:
+        base = base / model_slug(model)
+        base.mkdir(parents=True, exist_ok=True)
+    return base
 
 
 def save_table(df: pd.DataFrame, name: str) -> Path:

@@ -15,6 +15,27 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def study_model() -> str:
+    """The study's decoder-only model: ``$CALM_MODEL`` (any Hugging Face id or local folder of a Llama-family
+    decoder) or, by default, ``smollm2-135m``. The one parameter to change to rerun the study on another model
+    (on a GPU it goes to CUDA automatically); its tables then go to ``figures/<model>/``."""
+    return os.environ.get("CALM_MODEL", "").strip() or DEFAULT_MODEL
+
+
+def model_slug(name: str) -> str:
+    """A file-system-safe short name of a model id (``Qwen/Qwen2.5-0.5B`` -> ``qwen2.5-0.5b``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name.rstrip("/").split("/")[-1].lower())
+
+
+def scale_layer(layer: int, num_layers: int, reference_layers: int = 30) -> int:
+    """A layer index chosen for the 30-layer SmolLM2, moved to the same relative depth of a model with
+    ``num_layers`` layers (identity for 30), kept in 1..num_layers."""
+    return max(1, min(num_layers, round(layer * num_layers / reference_layers)))
+
+
 def set_seed(seed: int = 0) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)

@@ -34,9 +34,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))}
 STAMPS = ROOT / ".cache" / "reproduce"
-BENCH = {  # model -> benchmark arguments (full setting)
+sys.path.insert(0, str(ROOT))
+from calm_utils.utils import study_model  # noqa: E402
+
+BENCH = {  # model -> benchmark arguments (full setting); the decoder-only model follows $CALM_MODEL
     "t5_calm": ["--prompts", "60", "--max-new", "40", "--repeats", "2"],
-    "smollm2-135m": ["--prompts", "6", "--max-new", "32", "--repeats", "2"],
+    study_model(): ["--prompts", "6", "--max-new", "32", "--repeats", "2"],
 }
 BENCH_SMOKE = ["--smoke"]
 

@@ -34,3 +34,17 @@ def test_setup_installs_cpu_torch_explicitly():
     assert "pip install -q torch==2.13.0" in makefile
     assert "torch==2.13.0" in _pyproject_pins()
     assert (REPO_ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_study_model_is_one_parameter(monkeypatch, tmp_path):
+    from calm_utils import plotting
+    from calm_utils.utils import DEFAULT_MODEL, model_slug, scale_layer, study_model
+    monkeypatch.delenv("CALM_MODEL", raising=False)
+    monkeypatch.setenv("CALM_SMOKE", "0")
+    assert study_model() == DEFAULT_MODEL and plotting.figures_dir() == plotting.FIGURES
+    monkeypatch.setenv("CALM_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert study_model() == "Qwen/Qwen2.5-0.5B-Instruct" and model_slug(study_model()) == "qwen2.5-0.5b-instruct"
+    monkeypatch.setattr(plotting, "FIGURES", tmp_path)
+    assert plotting.figures_dir() == tmp_path / "qwen2.5-0.5b-instruct"   # never overwrites the study's tables
+    assert [scale_layer(n, 30) for n in (1, 16, 22, 30)] == [1, 16, 22, 30]
+    assert scale_layer(22, 24) == 18 and scale_layer(1, 12) == 1 and scale_layer(40, 30) == 30
