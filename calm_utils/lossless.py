@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .confidence import ConfidenceMeasure, ExitContext
 from .decoding import DecodeResult, EarlyExitDecoder, ExitConfig, _sync
+from .utils import scale_layer
 
 DRAFT_POLICIES = ("confidence", "static", "full")
 
@@ -440,12 +441,13 @@ def default_methods(num_layers: int, t5: bool, smoke: bool = False, draft_vocab=
                         ("topk_diff(k=32)@0.5,max3", top(0.5), (4, 8), {"max_draft_layer": 3})]
         ee = []
     else:
-        top = C(measure="topk_diff", threshold=0.9, min_exit_layer=20, measure_kwargs={"k": 64})
-        lossy = [("topk_diff(k=64)@0.9,min20", top)]
-        drafts = [("topk_diff(k=64)@0.9,min20", top, (2, 4), {}),
+        m = scale_layer(20, L)  # layer 20 of SmolLM2's 30, at the same relative depth of another model
+        top = C(measure="topk_diff", threshold=0.9, min_exit_layer=m, measure_kwargs={"k": 64})
+        lossy = [(f"topk_diff(k=64)@0.9,min{m}", top)]
+        drafts = [(f"topk_diff(k=64)@0.9,min{m}", top, (2, 4), {}),
                   (f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2,), {})]
         vocab_drafts = [(f"static-{L - 6}", C(policy="static", static_layer=L - 6), (2,), {}),
-                        ("topk_diff(k=64)@0.9,min20", top, (2,), {})]
+                        (f"topk_diff(k=64)@0.9,min{m}", top, (2,), {})]
         ee = [L // 2, L - 6]
     if draft_vocab is not None:
         M = len(set(int(t) for t in draft_vocab))
