@@ -73,8 +73,11 @@ def run_notebook(path: Path, smoke: bool) -> None:
 
 
 def run_bench(model: str, smoke: bool) -> None:
+    import torch
     args = BENCH_SMOKE if smoke else BENCH[model]
-    subprocess.run([sys.executable, "-m", "calm_utils.bench", "--model", model, *args], cwd=ROOT, check=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # the notebooks follow CUDA too (load_model)
+    subprocess.run([sys.executable, "-m", "calm_utils.bench", "--model", model, "--device", device, *args], cwd=ROOT,
+                   check=True)
 
 
 def steps(smoke: bool) -> list[tuple[str, str, list[bytes], callable]]:
