@@ -3,7 +3,8 @@
 Collects per-layer states of the model's own greedy continuations (train: SQuAD dev rows
 0..n and SciTLDR train rows 0..m; held-out: SQuAD dev rows from 5000 and SciTLDR train rows
 from 1000), fits "Jump to Conclusions" linear maps, trains linear / MLP / attention exit heads,
-and writes
+and writes (to ``--out-dir``, default ``.cache/exit_heads/``; notebook 02 runs the same study, with the same cached
+artefacts, and writes the study's tables to ``figures/``)
 
 - ``figures/exit_heads_auc.csv``        model,measure,layer,auc   (held-out ROC-AUC of predicting the
                                         consistency label, layers 1..L-1)
@@ -93,13 +94,14 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--out-dir", default=str(FIG))
+    ap.add_argument("--out-dir", default=str(REPO_ROOT / ".cache" / "exit_heads"),
+                    help="where the tables go (notebook 02 writes the study's copies to figures/)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.squad, args.scitldr, args.held_squad, args.held_scitldr = 4, 2, 2, 1
         args.max_new_tokens, args.epochs = 12, 3
     out = Path(args.out_dir)
-    if args.smoke and args.out_dir == str(FIG):
+    if args.smoke and args.out_dir == str(REPO_ROOT / ".cache" / "exit_heads"):
         out = REPO_ROOT / "runs" / "exit_heads_smoke"
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

@@ -136,12 +136,13 @@ def sections() -> list[str]:
         out.append("### CALM's premise on a frozen pretrained model (SmolLM2-135M)\n\nShare of tokens whose "
                    "layer-i prediction (final norm + shared head) equals the last layer's "
                    "(`figures/layer_agreement.csv`, notebook 01):\n\n" + _md(piv) + "\n\n" + _img("layer_agreement"))
-    if (maps := _read("layer_agreement_maps")) is not None:
+    if (maps := _read("exit_agreement")) is not None:
+        maps = maps[maps.model == maps.model.iloc[0]]   # the decoder-only model (notebook 02 lists it first)
         piv = maps.pivot_table(index="layer", columns="mapped", values="agreement").reset_index()
         piv.columns = ["layer", "plain", "linear map"] if len(piv.columns) == 3 else piv.columns
         piv = piv[piv.layer.isin([5, 10, 15, 20, 25, 29])]
         out.append("With a ridge-regression linear map per layer (\"Jump to Conclusions\"; held-out tokens, "
-                   "`figures/layer_agreement_maps.csv`):\n\n" + _md(piv))
+                   "`figures/exit_agreement.csv`, notebook 02):\n\n" + _md(piv))
     if (tl := _read("translation_layers")) is not None:
         piv = tl.pivot_table(index="layer", columns="loss", values="bleu").reset_index()
         out.append("### The CALM-trained T5 (Multi30k EN→FR)\n\nBLEU (sacrebleu, test_2016_flickr subset) when every "
