@@ -172,6 +172,8 @@ def default_configs(model: str, num_layers: int, smoke: bool = False) -> dict[st
         for th in (0.9, 0.7, 0.5):
             c[f"softmax_diff_{th}"] = dict(policy="confidence", measure="softmax_diff", threshold=th)
         for th in (0.9, 0.7):
+            c[f"softmax_max_{th}"] = dict(policy="confidence", measure="softmax_max", threshold=th)
+        for th in (0.9, 0.7):
             c[f"topk_diff_{th}"] = dict(policy="confidence", measure="topk_diff", threshold=th, measure_kwargs={"k": 16})
         for th, m in ((0.7, 4), (0.5, 3)):   # CALM's minimum exit layer: no exits from the weakest layers
             c[f"topk_diff_{th}_min{m}"] = dict(policy="confidence", measure="topk_diff", threshold=th,
@@ -189,6 +191,8 @@ def default_configs(model: str, num_layers: int, smoke: bool = False) -> dict[st
                                                  min_exit_layer=s[20]),
             f"softmax_diff_0.7_min{s[22]}": dict(policy="confidence", measure="softmax_diff", threshold=0.7,
                                                  min_exit_layer=s[22], exit_interval=2),
+            f"softmax_max_0.9_min{s[20]}": dict(policy="confidence", measure="softmax_max", threshold=0.9,
+                                                min_exit_layer=s[20]),
             f"topk_diff_0.9_min{s[16]}": dict(policy="confidence", measure="topk_diff", threshold=0.9,
                                               min_exit_layer=s[16], measure_kwargs={"k": 64}),
             f"topk_diff_0.7_min{s[16]}": dict(policy="confidence", measure="topk_diff", threshold=0.7,
