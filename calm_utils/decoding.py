@@ -264,3 +264,22 @@ def early_exit_generate(view, prompt_ids, measure: ConfidenceMeasure | None = No
                         **config) -> DecodeResult:
     """Convenience: ``EarlyExitDecoder(view, ExitConfig(**config), measure, project).generate(prompt_ids)``."""
     return EarlyExitDecoder(view, ExitConfig(**config), measure, project).generate(prompt_ids)
+
+
+def generate_with_session(view, decoder, prompt_ids):
+    """``decoder.generate(prompt_ids)`` and the decoding session it used (captured from ``view.start``), to
+    inspect the caches the run left behind (the equivalence checks of the tests and notebook 05)."""
+    captured = {}
+    original = view.start
+
+    def spy(ids, n):
+        session, first = original(ids, n)
+        captured["session"] = session
+        return session, first
+
+    view.start = spy
+    try:
+        res = decoder.generate(prompt_ids)
+    finally:
+        del view.start
+    return res, captured["session"]

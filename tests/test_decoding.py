@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from calm_utils.confidence import ExitContext, make_measure
-from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate
+from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate, generate_with_session
 from conftest import hf_greedy
-from helpers import generate_with_session
 
 PROMPTS = [[1, 5, 9, 33, 4], [1, 70], [1, 12, 12, 12, 50, 51, 52, 3, 8, 90, 11]]
 

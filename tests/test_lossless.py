@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from calm_utils.decoding import EarlyExitDecoder, ExitConfig
+from calm_utils.decoding import EarlyExitDecoder, ExitConfig, generate_with_session
 from calm_utils.heads import HeadMeasure, make_head
 from calm_utils.layerwise import LayerwiseLM
 from calm_utils.lossless import LosslessDecoder, lossless_generate, run_layers
 from calm_utils.t5_layerwise import LayerwiseT5
 from calm_utils.t5_model import build_t5, make_t5_config
-from helpers import generate_with_session
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,9 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate
+from calm_utils.decoding import EarlyExitDecoder, ExitConfig, early_exit_generate, generate_with_session
 from calm_utils.t5_layerwise import LayerwiseT5
 from calm_utils.t5_model import build_t5, make_t5_config
-from helpers import generate_with_session
 
 torch.set_num_threads(1)
 
