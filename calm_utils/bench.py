@@ -58,7 +58,7 @@ import torch
 
 from .confidence import ConfidenceMeasure
 from .decoding import EarlyExitDecoder, ExitConfig
-from .utils import REPO_ROOT, scale_layer
+from .utils import REPO_ROOT, cache_dir, scale_layer
 
 COMPONENTS = ("prompt", "layers", "head", "conf", "prop", "other")
 COUNTS = ("n_layers", "n_head", "n_head_batch", "n_head_rows", "n_conf", "n_prop")
@@ -359,9 +359,10 @@ def _decoder(view, kwargs: dict, max_new: int, extras: dict | None = None) -> Ea
         if head is not None:
             from .heads import HeadMeasure
             measure = HeadMeasure(extras["heads"][head])
-        if maps:
+        if maps:  # the study's maps, projecting through this (possibly profiled) view
+            from .linear_maps import LinearMaps
             lm = extras["maps"]
-            project = lambda layer, h, rows: view.logits(lm.map(layer, h), rows)  # noqa: E731 (view may be profiled)
+            project = LinearMaps(lm.W, view, lm.alphas).project
     return EarlyExitDecoder(view, ExitConfig(max_new_tokens=max_new, **kw), measure, project)
 
 
@@ -714,8 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             if any("head" in kw or kw.get("maps") for kw in extra.values()):
                 subject.extra["study"] = study_extras(a.model, subject.view, subject.view.tokenizer)
     tag = Path(a.model).name.replace("-", "").replace(".", "")
-    # smoke runs never touch the committed figures/ (as plotting.figures_dir in the notebooks)
-    out = a.out or str(REPO_ROOT / (".cache/figures_smoke" if a.smoke else "figures") / (f"speed_{tag}" + ("_smoke" if a.smoke else "")))
+    # smoke runs never touch the committed figures/ (the same folder as plotting.figures_dir in the notebooks)
+    out = a.out or str((cache_dir("figures_smoke") if a.smoke else REPO_ROOT / "figures")
+                       / (f"speed_{tag}" + ("_smoke" if a.smoke else "")))
     df, side = run_bench(subject, configs, a.max_new, a.repeats, out, settings=dict(threads_arg=a.threads, smoke=a.smoke))
     if not a.smoke and a.out is None:
         combine()

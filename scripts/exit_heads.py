@@ -36,9 +36,7 @@ from calm_utils.confidence import ExitContext, SoftmaxDiff  # noqa: E402
 from calm_utils.layerwise import LayerwiseLM  # noqa: E402
 from calm_utils.linear_maps import fit_linear_maps, layer_agreement  # noqa: E402
 from calm_utils.model import encode_chat, load_model  # noqa: E402
-from calm_utils.utils import REPO_ROOT, atomic_write_text  # noqa: E402
-
-FIG = REPO_ROOT / "figures"
+from calm_utils.utils import REPO_ROOT, atomic_write_text, cache_dir  # noqa: E402
 
 
 def prompts(tok, squad, scitldr, sq_rows, sci_rows):
@@ -94,15 +92,16 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--out-dir", default=str(REPO_ROOT / ".cache" / "exit_heads"),
-                    help="where the tables go (notebook 02 writes the study's copies to figures/)")
+    ap.add_argument("--out-dir", default=None, help="where the tables go (default .cache/exit_heads/, smoke: "
+                    "runs/exit_heads_smoke/; notebook 02 writes the study's copies to figures/)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.squad, args.scitldr, args.held_squad, args.held_scitldr = 4, 2, 2, 1
         args.max_new_tokens, args.epochs = 12, 3
-    out = Path(args.out_dir)
-    if args.smoke and args.out_dir == str(REPO_ROOT / ".cache" / "exit_heads"):
-        out = REPO_ROOT / "runs" / "exit_heads_smoke"
+    if args.out_dir is not None:
+        out = Path(args.out_dir)
+    else:
+        out = REPO_ROOT / "runs" / "exit_heads_smoke" if args.smoke else cache_dir("exit_heads")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tag = "smoke_" if args.smoke else ""

@@ -80,21 +80,24 @@ def run_bench(model: str, smoke: bool) -> None:
                    check=True)
 
 
-def steps(smoke: bool) -> list[tuple[str, str, list[bytes], callable]]:
-    """(id, label, inputs, action) in execution order."""
+def steps(smoke: bool) -> list[tuple[str, str, callable, callable]]:
+    """(id, label, inputs, action) in execution order; ``inputs()`` is read when the step's turn comes, since an
+    earlier step may rewrite an upstream table."""
     out = []
     for key in ("01", "02", "03", "05"):
         if key in NOTEBOOKS:
             p = NOTEBOOKS[key]
-            out.append((key, p.name, notebook_inputs(p), lambda p=p: run_notebook(p, smoke)))
+            out.append((key, p.name, lambda p=p: notebook_inputs(p), lambda p=p: run_notebook(p, smoke)))
     for model in BENCH:
         upstream = ["exit_matched.csv", "calibration_t5.csv"]
-        out.append((f"bench_{model}", f"benchmark {model}", [" ".join(BENCH[model]).encode()] + tables(upstream),
+        out.append((f"bench_{model}", f"benchmark {model}",
+                    lambda m=model: [" ".join(BENCH[m]).encode()] + tables(upstream),
                     lambda m=model: run_bench(m, smoke)))
     if "04" in NOTEBOOKS:
         p = NOTEBOOKS["04"]
-        out.append(("04", p.name, notebook_inputs(p) + tables(sorted(f.name for f in (ROOT / "figures").glob("*.csv"))),
-                    lambda p=p: run_notebook(p, smoke)))
+        out.append(("04", p.name,
+                    lambda: notebook_inputs(p) + tables(sorted(f.name for f in (ROOT / "figures").glob("*.csv"))),
+                    lambda: run_notebook(p, smoke)))
     return out
 
 
@@ -109,12 +112,11 @@ def main() -> int:
     timings, start_all = [], time.time()
     plan = [s for s in steps(args.smoke) if args.only is None or any(s[0].startswith(o) for o in args.only)]
     for sid, label, inputs, action in tqdm(plan, desc="reproduce", unit="step"):
-        # inputs are re-read now: an earlier step may have rewritten an upstream table
-        inputs = next(s[2] for s in steps(args.smoke) if s[0] == sid)
-        key = _digest(code + inputs + [b"smoke" if args.smoke else b"full"])
+        key = _digest(code + inputs() + [b"smoke" if args.smoke else b"full"])
         stamp = STAMPS / f"{sid}{'_smoke' if args.smoke else ''}.json"
-        if not args.force and stamp.exists() and json.loads(stamp.read_text()).get("inputs") == key:
-            tqdm.write(f"{label}: up to date (inputs unchanged since {json.loads(stamp.read_text())['date']}), skipped")
+        last = json.loads(stamp.read_text()) if stamp.exists() else {}
+        if not args.force and last.get("inputs") == key:
+            tqdm.write(f"{label}: up to date (inputs unchanged since {last['date']}), skipped")
             timings.append(dict(step=sid, label=label, minutes=0.0, skipped=True))
             continue
         tqdm.write(f"{label} ({'smoke' if args.smoke else 'full'} setting) ...")

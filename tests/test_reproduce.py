@@ -27,7 +27,7 @@ def test_step_order(rep):
 
 def test_unchanged_inputs_are_skipped(rep, monkeypatch, capsys):
     calls, inputs = [], {"a": [b"v1"]}
-    monkeypatch.setattr(rep, "steps", lambda smoke: [("a", "step a", list(inputs["a"]), lambda: calls.append("a"))])
+    monkeypatch.setattr(rep, "steps", lambda smoke: [("a", "step a", lambda: list(inputs["a"]), lambda: calls.append("a"))])
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--smoke"])
     rep.main()
     rep.main()                                   # nothing changed: skipped
